@@ -1,0 +1,59 @@
+# lazysnap: one command to set up and test, on a fresh Debian 12 machine, as root.
+#   make test         install what is missing (Debian packages, .venv), then run every test tier
+#   make unit | integration | e2e    one tier
+#   make proto        regenerate snapshotter/api from proto/*.proto (committed; a test checks it)
+#   make lint         ruff
+SHELL := /bin/bash
+.DEFAULT_GOAL := test
+
+APT_PACKAGES := containerd runc fuse3 libfuse3-dev pkg-config docker-registry stargz-snapshotter \
+                skopeo umoci busybox-static iproute2
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+PYTEST := $(PY) -m pytest
+
+.PHONY: test unit integration e2e deps system-deps proto lint clean
+
+test: deps
+	$(PYTEST) tests
+
+unit: deps
+	$(PYTEST) tests/unit
+
+integration: deps
+	$(PYTEST) tests/integration
+
+e2e: deps
+	$(PYTEST) tests/e2e
+
+deps: system-deps $(STAMP)
+
+# Installs only the Debian packages that are missing, and says which.
+system-deps:
+	@missing=$$(for p in $(APT_PACKAGES); do \
+	    dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q '^install ok installed$$' || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+	    if [ "$$(id -u)" != 0 ]; then echo "missing Debian packages: $$missing (run as root to install them)"; exit 1; fi; \
+	    echo "installing Debian packages:" $$missing; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	fi
+	@modprobe fuse 2>/dev/null || true; modprobe overlay 2>/dev/null || true
+
+# The venv is rebuilt when pyproject.toml changes.
+$(STAMP): pyproject.toml
+	@if [ ! -x $(PY) ]; then echo "creating $(VENV)"; python3 -m venv $(VENV); fi
+	@echo "installing lazysnap and its test dependencies into $(VENV)"
+	@$(PY) -m pip install -q --disable-pip-version-check --upgrade pip
+	@$(PY) -m pip install -q --disable-pip-version-check -e '.[test]'
+	@touch $(STAMP)
+
+proto: $(STAMP)
+	$(PY) proto/generate.py
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check snapshotter fuse proto tests bench
+	$(VENV)/bin/ruff format --check snapshotter fuse proto tests bench
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -1,0 +1,86 @@
+"""Fixtures shared by every test tier: real services started per test, stopped by PID, and a
+session-wide check that nothing (process, mount, temp dir) is left behind."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.harness.containerd import Containerd
+from tests.harness.procs import mounts_under, pids_with_cmdline, running_services, unmount_all
+from tests.harness.registry import Registry
+
+TMP_PREFIX = "lzs-test-"
+
+
+def _needs_root(what: str) -> None:
+    if os.geteuid() != 0:
+        pytest.skip(f"{what} needs root (run the suite as root, as `make test` does)")
+
+
+@pytest.fixture
+def workdir() -> Iterator[Path]:
+    """A short temp dir under /tmp (unix socket paths must stay under 108 bytes), removed afterwards."""
+    path = Path(tempfile.mkdtemp(prefix=TMP_PREFIX))
+    yield path
+    unmount_all(path)
+    shutil.rmtree(path)
+
+
+@pytest.fixture
+def registry_factory(workdir: Path) -> Iterator[Callable[..., Registry]]:
+    """make(config=..., record=...) -> a started registry; all are stopped after the test."""
+    started: list[Registry] = []
+
+    def make(**kw) -> Registry:
+        reg = Registry(workdir / f"registry{len(started)}", **kw)
+        started.append(reg)
+        return reg.start()
+
+    yield make
+    for reg in started:
+        reg.stop()
+
+
+@pytest.fixture
+def registry(registry_factory: Callable[..., Registry]) -> Registry:
+    return registry_factory()
+
+
+@pytest.fixture
+def containerd_factory(workdir: Path) -> Iterator[Callable[..., Containerd]]:
+    """make(cri=..., snapshotter_socket=...) -> a started containerd; all are stopped after the test."""
+    _needs_root("containerd")
+    started: list[Containerd] = []
+
+    def make(**kw) -> Containerd:
+        c = Containerd(workdir / f"containerd{len(started)}", **kw)
+        started.append(c)
+        return c.start()
+
+    yield make
+    for c in started:
+        c.stop()
+
+
+@pytest.fixture
+def containerd(containerd_factory: Callable[..., Containerd]) -> Containerd:
+    return containerd_factory()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def nothing_left_behind() -> Iterator[None]:
+    """Fail the session if a test left a service running, a mount, or one of our temp dirs."""
+    before = set(Path(tempfile.gettempdir()).glob(TMP_PREFIX + "*"))
+    yield
+    problems = [f"process still running: {s.name} (pid {s.pid})" for s in running_services()]
+    problems += [f"process still running: pid {pid}" for pid in pids_with_cmdline(f"/{TMP_PREFIX}")]
+    for d in set(Path(tempfile.gettempdir()).glob(TMP_PREFIX + "*")) - before:
+        problems += [f"still mounted: {m}" for m in mounts_under(d)]
+        problems.append(f"temp dir left behind: {d}")
+    assert not problems, "tests left things behind:\n" + "\n".join(problems)
