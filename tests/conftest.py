@@ -16,6 +16,7 @@ from tests.harness.procs import mounts_under, pids_with_cmdline, running_service
 from tests.harness.registry import Registry
 
 TMP_PREFIX = "lzs-test-"
+_workdirs: list[Path] = []  # every temp dir this test process made
 
 
 def _needs_root(what: str) -> None:
@@ -27,6 +28,7 @@ def _needs_root(what: str) -> None:
 def workdir() -> Iterator[Path]:
     """A short temp dir under /tmp (unix socket paths must stay under 108 bytes), removed afterwards."""
     path = Path(tempfile.mkdtemp(prefix=TMP_PREFIX))
+    _workdirs.append(path)
     yield path
     unmount_all(path)
     shutil.rmtree(path)
@@ -76,11 +78,12 @@ def containerd(containerd_factory: Callable[..., Containerd]) -> Containerd:
 @pytest.fixture(scope="session", autouse=True)
 def nothing_left_behind() -> Iterator[None]:
     """Fail the session if a test left a service running, a mount, or one of our temp dirs."""
-    before = set(Path(tempfile.gettempdir()).glob(TMP_PREFIX + "*"))
     yield
     problems = [f"process still running: {s.name} (pid {s.pid})" for s in running_services()]
-    problems += [f"process still running: pid {pid}" for pid in pids_with_cmdline(f"/{TMP_PREFIX}")]
-    for d in set(Path(tempfile.gettempdir()).glob(TMP_PREFIX + "*")) - before:
+    for d in _workdirs:
+        # anything whose command line names the dir: containerd shims, daemons started by a daemon
+        problems += [f"process still running: pid {pid} ({d})" for pid in pids_with_cmdline(str(d))]
         problems += [f"still mounted: {m}" for m in mounts_under(d)]
-        problems.append(f"temp dir left behind: {d}")
+        if d.exists():
+            problems.append(f"temp dir left behind: {d}")
     assert not problems, "tests left things behind:\n" + "\n".join(problems)
