@@ -1,0 +1,87 @@
+"""HTTP byte ranges: Range headers, Content-Range validation, multipart/byteranges bodies.
+
+Spans are (offset, length) pairs with length > 0; HTTP ranges are inclusive (first, last).
+"""
+
+from __future__ import annotations
+
+import re
+
+from .errors import ProtocolViolation
+
+_CONTENT_RANGE = re.compile(r"^bytes (\d+)-(\d+)/(\d+|\*)$")
+
+Span = tuple[int, int]  # (offset, length)
+
+
+def range_header(spans: list[Span]) -> str:
+    for off, length in spans:
+        if off < 0 or length <= 0:
+            raise ValueError(f"invalid span offset={off} length={length}")
+    return "bytes=" + ",".join(f"{off}-{off + length - 1}" for off, length in spans)
+
+
+def parse_content_range(value: str | None) -> tuple[int, int, int | None]:
+    """'bytes a-b/total' -> (a, b, total or None)."""
+    m = _CONTENT_RANGE.match((value or "").strip())
+    if not m or int(m[1]) > int(m[2]):
+        raise ProtocolViolation(f"invalid Content-Range {value!r}")
+    return int(m[1]), int(m[2]), None if m[3] == "*" else int(m[3])
+
+
+def boundary_of(content_type: str) -> str | None:
+    """The boundary of a multipart/byteranges Content-Type, or None for any other type."""
+    kind, _, params = content_type.partition(";")
+    if kind.strip().lower() != "multipart/byteranges":
+        return None
+    for param in params.split(";"):
+        name, _, value = param.strip().partition("=")
+        if name.lower() == "boundary" and value:
+            return value.strip('"')
+    raise ProtocolViolation(f"multipart/byteranges without a boundary: {content_type!r}")
+
+
+def parse_multipart(body: bytes, boundary: str) -> list[tuple[int, bytes]]:
+    """Parts of a multipart/byteranges body as (first byte offset, data).
+
+    Each part's length comes from its Content-Range, so data that happens to contain the boundary
+    string cannot cut a part short."""
+    delimiter = b"--" + boundary.encode("latin-1")
+    parts: list[tuple[int, bytes]] = []
+    pos = body.find(delimiter)
+    if pos < 0:
+        raise ProtocolViolation("multipart/byteranges body without its boundary")
+    while True:
+        pos += len(delimiter)
+        if body[pos : pos + 2] == b"--":
+            return parts
+        head_end = body.find(b"\r\n\r\n", pos)
+        if head_end < 0:
+            raise ProtocolViolation("truncated multipart/byteranges part header")
+        headers = {}
+        for line in body[pos:head_end].decode("latin-1").split("\r\n"):
+            name, sep, value = line.partition(":")
+            if sep:
+                headers[name.strip().lower()] = value.strip()
+        first, last, _ = parse_content_range(headers.get("content-range"))
+        start = head_end + 4
+        end = start + (last - first + 1)
+        if end > len(body):
+            raise ProtocolViolation(f"truncated multipart/byteranges part bytes {first}-{last}")
+        parts.append((first, body[start:end]))
+        pos = body.find(delimiter, end)
+        if pos < 0:
+            raise ProtocolViolation("multipart/byteranges body without its closing boundary")
+
+
+def slice_spans(spans: list[Span], parts: list[tuple[int, bytes]]) -> list[bytes]:
+    """The bytes of each requested span, cut from the parts a server sent (which it may have merged)."""
+    out = []
+    for off, length in spans:
+        for first, data in parts:
+            if first <= off and off + length <= first + len(data):
+                out.append(data[off - first : off - first + length])
+                break
+        else:
+            raise ProtocolViolation(f"the response did not contain requested bytes {off}-{off + length - 1}")
+    return out
