@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.harness.auth import TestPKI, TokenIssuer
 from tests.harness.containerd import Containerd
 from tests.harness.procs import mounts_under, pids_with_cmdline, running_services, unmount_all
 from tests.harness.registry import Registry
@@ -52,6 +53,28 @@ def registry_factory(workdir: Path) -> Iterator[Callable[..., Registry]]:
 @pytest.fixture
 def registry(registry_factory: Callable[..., Registry]) -> Registry:
     return registry_factory()
+
+
+@pytest.fixture
+def pki(workdir: Path) -> TestPKI:
+    """A throwaway CA issuing server, client and token-signing certificates."""
+    return TestPKI(workdir / "pki")
+
+
+@pytest.fixture
+def issuer_factory(workdir: Path, pki: TestPKI) -> Iterator[Callable[..., TokenIssuer]]:
+    """make(**TokenIssuer kwargs) -> a started registry token issuer; all are stopped after the test."""
+    started: list[TokenIssuer] = []
+
+    def make(**kw) -> TokenIssuer:
+        kw.setdefault("pki", pki)
+        issuer = TokenIssuer(workdir / f"issuer{len(started)}", **kw)
+        started.append(issuer)
+        return issuer.start()
+
+    yield make
+    for issuer in started:
+        issuer.stop()
 
 
 @pytest.fixture

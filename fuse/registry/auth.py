@@ -55,7 +55,10 @@ def parse_challenges(header: str) -> list[Challenge]:
             params[p[1].lower()] = value
             pos = p.end()
         out.append(Challenge(scheme, params))
-        pos = header.find(",", pos) + 1 if header.find(",", pos) >= 0 else len(header)
+        if not params:  # a scheme without parameters ("Basic, Bearer ..."): skip to the next challenge
+            comma = header.find(",", pos)
+            pos = comma + 1 if comma >= 0 else len(header)
+        # else the last parameter ended at the end or took its comma: pos is at the next challenge
     return out
 
 

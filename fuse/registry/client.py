@@ -51,6 +51,7 @@ T = TypeVar("T")
 RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
 REDIRECTS = frozenset({301, 302, 303, 307, 308})
 MAX_CONFIG_SIZE = 64 << 20
+MAX_RETRY_AFTER = 60.0
 
 
 @dataclass(frozen=True)
@@ -203,21 +204,28 @@ class RegistryClient:
             except _MultiRangeRefused:
                 log.info("registry %s does not serve multi-range requests; using single ranges", ref.host)
                 self._single_range_only.add(ref.host)
-        results: list[bytes] = [b""] * len(spans)
 
-        async def one(i: int, span: Span) -> None:
-            results[i] = (
+        async def one(span: Span) -> bytes:
+            headers = {"Range": range_header([span])}
+            return (
                 await self._blob_request(
-                    ref,
-                    digest,
-                    {"Range": range_header([span])},
-                    lambda r: self._take_ranges(r, [span], ref, digest),
+                    ref, digest, headers, lambda r: self._take_ranges(r, [span], ref, digest)
                 )
             )[0]
 
-        async with trio.open_nursery() as nursery:
-            for i, span in enumerate(spans):
-                nursery.start_soon(one, i, span)
+        if len(spans) == 1:
+            return [await one(spans[0])]
+        results: list[bytes] = [b""] * len(spans)
+
+        async def store(i: int, span: Span) -> None:
+            results[i] = await one(span)
+
+        try:
+            async with trio.open_nursery() as nursery:
+                for i, span in enumerate(spans):
+                    nursery.start_soon(store, i, span)
+        except BaseExceptionGroup as group:
+            raise _first_leaf(group) from None
         return results
 
     async def _take_ranges(
@@ -531,7 +539,12 @@ class RegistryClient:
                         continue
                     return await handle(resp)
             except httpx.TransportError as e:
-                last = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
+                last = _describe(e)
+                if _root(e, ssl.SSLCertVerificationError):  # retrying cannot help
+                    raise Unavailable(
+                        f"TLS certificate of {endpoint.host} not trusted ({last}): add its CA to "
+                        f"hosts.toml `ca`, or fix the server's certificate"
+                    ) from e
                 if attempt < attempts:
                     await trio.sleep(self._delay(attempt, None))
         raise Unavailable(
@@ -541,7 +554,7 @@ class RegistryClient:
     def _delay(self, attempt: int, resp: httpx.Response | None) -> float:
         """Retry-After when the server gave one (capped), else exponential backoff with full jitter."""
         if resp is not None and (after := _retry_after(resp.headers.get("retry-after"))) is not None:
-            return min(after, self.options.backoff_max * 4)
+            return min(after, MAX_RETRY_AFTER)  # the operation's deadline bounds it further
         return random.uniform(
             0, min(self.options.backoff_max, self.options.backoff_base * 2 ** (attempt - 1))
         )
@@ -577,6 +590,29 @@ class RegistryClient:
 
 class _MultiRangeRefused(RegistryError):
     pass
+
+
+def _describe(e: BaseException) -> str:
+    """An error and its causes, for messages: transport errors often carry their text only in a cause."""
+    parts = []
+    while e is not None and len(parts) < 4:
+        parts.append(f"{type(e).__name__}: {e}" if str(e) else type(e).__name__)
+        e = e.__cause__ or e.__context__
+    return " <- ".join(parts)
+
+
+def _root(e: BaseException | None, kind: type[BaseException]) -> bool:
+    while e is not None:
+        if isinstance(e, kind):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
+def _first_leaf(group: BaseExceptionGroup) -> BaseException:
+    """The first real error of a nursery's exception group: callers expect one RegistryError."""
+    first = group.exceptions[0]
+    return _first_leaf(first) if isinstance(first, BaseExceptionGroup) else first
 
 
 def _ssl_context(endpoint: Endpoint) -> ssl.SSLContext | bool:

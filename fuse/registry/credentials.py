@@ -56,7 +56,7 @@ class CredentialStore:
                 text = self.docker_config.read_text()
             except FileNotFoundError:
                 text = "{}"
-            except OSError as e:
+            except (OSError, UnicodeDecodeError) as e:
                 raise ConfigError(f"cannot read docker config {self.docker_config}: {e}") from e
             try:
                 doc = json.loads(text)
@@ -64,6 +64,9 @@ class CredentialStore:
                 raise ConfigError(f"{self.docker_config}: not valid JSON (line {e.lineno}): {e.msg}") from e
             if not isinstance(doc, dict):
                 raise ConfigError(f"{self.docker_config}: must hold a JSON object")
+            for key in ("auths", "credHelpers"):
+                if not isinstance(doc.get(key) or {}, dict):
+                    raise ConfigError(f"{self.docker_config}: {key!r} must be a JSON object")
             self._doc = doc
         return self._doc
 
@@ -107,7 +110,7 @@ def _from_auth_entry(entry: dict, key: str, source: Path) -> Credentials | None:
     if auth := entry.get("auth"):
         try:
             user, sep, password = base64.b64decode(auth).decode().partition(":")
-        except (ValueError, UnicodeDecodeError):
+        except (ValueError, TypeError):  # binascii.Error and UnicodeDecodeError are ValueErrors
             sep = ""
         if not sep:
             raise ConfigError(f"{source}: auths[{key!r}].auth is not base64 of 'user:password'")
@@ -127,6 +130,8 @@ async def _run_helper(name: str, host: str) -> Credentials | None:
             )
     except FileNotFoundError as e:
         raise ConfigError(f"credential helper {program} (for {host}) is not installed") from e
+    except OSError as e:  # e.g. not executable
+        raise ConfigError(f"credential helper {program} (for {host}) cannot be run: {e.strerror}") from e
     except trio.TooSlowError as e:
         raise ConfigError(
             f"credential helper {program} did not answer for {host} within {HELPER_TIMEOUT:.0f}s"

@@ -81,8 +81,10 @@ def load_endpoints(registry_host: str, config_path: Path | None) -> list[Endpoin
         _parse_endpoint(url, section, directory, hosts_file, registry_host, mirror=True)
         for url, section in mirrors_table.items()
     ]
-    server = doc.get("server")
-    if server is None:
+    server = doc.get("server", "")
+    if not isinstance(server, str):
+        raise ConfigError(f"{hosts_file}: `server` must be a URL string")
+    if not server:
         origin = _default_origin(registry_host)
         server = f"{origin.scheme}://{origin.host}"
     top = {k: v for k, v in doc.items() if k not in ("host", "server")}
@@ -91,8 +93,10 @@ def load_endpoints(registry_host: str, config_path: Path | None) -> list[Endpoin
 
 
 def is_loopback(host: str) -> bool:
-    name = host.rsplit(":", 1)[0] if host.count(":") == 1 or host.startswith("[") else host
-    name = name.strip("[]")
+    if host.startswith("["):  # "[::1]" or "[::1]:5000"
+        name = host[1 : host.find("]")]
+    else:  # "localhost", "127.0.0.1:5000", "::1"
+        name = host.rsplit(":", 1)[0] if host.count(":") == 1 else host
     if name == "localhost":
         return True
     try:
@@ -141,13 +145,14 @@ def _parse_endpoint(
     host, slash, path = rest.partition("/")
     if not host:
         raise ConfigError(f"{where}: no host in the URL")
-    override = bool(section.get("override_path", False))
+    override = _bool(section.get("override_path", False), f"{where}: override_path")
     path = "/" + path.strip("/") if slash and path.strip("/") else ""
     if not override and not path.endswith("/v2"):
         path += "/v2"
-    caps = section.get("capabilities", sorted(CAPABILITIES))
+    caps = section.get("capabilities", [])
     if not isinstance(caps, list) or not all(isinstance(c, str) for c in caps):
         raise ConfigError(f"{where}: capabilities must be a list of strings")
+    caps = caps or sorted(CAPABILITIES)  # as containerd: an empty list means all of them
     bad = {c.lower() for c in caps} - CAPABILITIES
     if bad:
         raise ConfigError(f"{where}: unknown capabilities {sorted(bad)} (allowed: pull, resolve, push)")

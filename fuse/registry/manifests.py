@@ -54,6 +54,8 @@ class Platform:
         theirs = entry.get("variant", "")
         if self.architecture == "arm64":  # v8 is arm64's only variant: absent means v8
             return (theirs or "v8") == (self.variant or "v8")
+        if self.architecture == "arm":  # an arm entry without variant is v7, as containerd normalizes it
+            theirs = theirs or "v7"
         return not self.variant or theirs == self.variant
 
     def __str__(self) -> str:

@@ -24,9 +24,13 @@ def range_header(spans: list[Span]) -> str:
 def parse_content_range(value: str | None) -> tuple[int, int, int | None]:
     """'bytes a-b/total' -> (a, b, total or None)."""
     m = _CONTENT_RANGE.match((value or "").strip())
-    if not m or int(m[1]) > int(m[2]):
+    if not m:
         raise ProtocolViolation(f"invalid Content-Range {value!r}")
-    return int(m[1]), int(m[2]), None if m[3] == "*" else int(m[3])
+    first, last, total = int(m[1]), int(m[2]), None if m[3] == "*" else int(m[3])
+    # RFC 9110 14.4: invalid when last < first, or when the complete length is not beyond last
+    if first > last or (total is not None and total <= last):
+        raise ProtocolViolation(f"invalid Content-Range {value!r}")
+    return first, last, total
 
 
 def boundary_of(content_type: str) -> str | None:
@@ -36,7 +40,7 @@ def boundary_of(content_type: str) -> str | None:
         return None
     for param in params.split(";"):
         name, _, value = param.strip().partition("=")
-        if name.lower() == "boundary" and value:
+        if name.lower() == "boundary" and value.strip('"'):
             return value.strip('"')
     raise ProtocolViolation(f"multipart/byteranges without a boundary: {content_type!r}")
 

@@ -13,10 +13,13 @@ from dataclasses import dataclass, replace
 from .errors import ReferenceError
 
 DOCKER_HUB = "docker.io"
-_COMPONENT = re.compile(r"^[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*$")
-_TAG = re.compile(r"^[\w][\w.-]{0,127}$")
-_DIGEST = re.compile(r"^[a-z0-9]+(?:[.+_-][a-z0-9]+)*:[a-zA-Z0-9=_-]{32,}$")
-_HOST = re.compile(r"^(?:[a-zA-Z0-9.-]+|\[[0-9a-fA-F:]+\])(?::[0-9]+)?$")
+# \Z, not $: $ also matches before a trailing newline. Character classes are spelled out because
+# Python's \w matches any Unicode letter, the reference grammar only ASCII ones.
+_COMPONENT = re.compile(r"^[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*\Z")
+_TAG = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}\Z")
+_DIGEST = re.compile(r"^[A-Za-z][A-Za-z0-9]*(?:[-_+.][A-Za-z][A-Za-z0-9]*)*:[0-9a-fA-F]{32,}\Z")
+_DOMAIN_COMPONENT = r"(?:[a-zA-Z0-9]|[a-zA-Z0-9][a-zA-Z0-9-]*[a-zA-Z0-9])"
+_HOST = re.compile(rf"^(?:{_DOMAIN_COMPONENT}(?:\.{_DOMAIN_COMPONENT})*|\[[0-9a-fA-F:]+\])(?::[0-9]+)?\Z")
 
 
 @dataclass(frozen=True)
@@ -30,8 +33,8 @@ class Reference:
     def parse(cls, text: str) -> Reference:
         if not text or text != text.strip():
             raise ReferenceError(f"invalid image reference {text!r}: empty or surrounded by spaces")
-        rest, _, digest = text.partition("@")
-        if digest and not _DIGEST.match(digest):
+        rest, at, digest = text.partition("@")
+        if at and not _DIGEST.match(digest):
             raise ReferenceError(f"invalid image reference {text!r}: bad digest {digest!r}")
         name, tag = rest, None
         slash = rest.rfind("/")

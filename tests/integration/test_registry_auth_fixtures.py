@@ -7,13 +7,13 @@ from __future__ import annotations
 
 import base64
 import datetime as dt
+import functools
 import hashlib
 import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
@@ -40,25 +40,9 @@ REPO = "lzs/app"
 
 
 @pytest.fixture
-def pki(workdir: Path) -> TestPKI:
-    return TestPKI(workdir / "pki")
-
-
-@pytest.fixture
-def issuer_factory(workdir: Path, pki: TestPKI) -> Iterator[Callable[..., TokenIssuer]]:
-    """make(**TokenIssuer kwargs) -> a started token issuer (users=USERS unless given); stopped after."""
-    started: list[TokenIssuer] = []
-
-    def make(**kw: Any) -> TokenIssuer:
-        kw.setdefault("users", USERS)
-        kw.setdefault("pki", pki)
-        issuer = TokenIssuer(workdir / f"issuer{len(started)}", **kw)
-        started.append(issuer)
-        return issuer.start()
-
-    yield make
-    for issuer in started:
-        issuer.stop()
+def issuer_factory(issuer_factory: Callable[..., TokenIssuer]) -> Callable[..., TokenIssuer]:
+    """conftest's issuer_factory with this file's users."""
+    return functools.partial(issuer_factory, users=USERS)
 
 
 @pytest.fixture(autouse=True)
