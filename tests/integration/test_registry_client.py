@@ -25,7 +25,7 @@ from fuse.registry import (
     Unavailable,
 )
 from tests.harness import images as im
-from tests.harness.auth import TestPKI, TokenIssuer, combine, htpasswd_config, tls_config, token_config
+from tests.harness.auth import TestPKI, TokenIssuer, htpasswd_config, tls_config, token_config
 from tests.harness.registry import Registry
 
 BLOB = im.pseudo_random(3 << 20, seed=7)
@@ -203,9 +203,12 @@ async def test_token_refused_push(
 async def test_tls_and_mtls_from_hosts_toml(
     registry_factory: Callable[..., Registry], pki: TestPKI, workdir: Path
 ) -> None:
-    reg = registry_factory(config=combine(tls_config(pki, client_cas=True)), record=False)
+    reg = registry_factory(config=tls_config(pki, client_cas=True), record=False)
     client_pair = pki.client_cert()
-    trusted = f'server = "https://{reg.host}"\nca = "{pki.ca_cert}"\nclient = [["{client_pair.cert}", "{client_pair.key}"]]\n'
+    trusted = (
+        f'server = "https://{reg.host}"\nca = "{pki.ca_cert}"\n'
+        f'client = [["{client_pair.cert}", "{client_pair.key}"]]\n'
+    )
     async with client_for(workdir / "ok", hosts={reg.host: trusted}) as client:
         ref = Reference.parse(f"{reg.host}/lzs/tls:v1")
         digest = await client.push_blob(ref, b"over tls")
