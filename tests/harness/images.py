@@ -17,6 +17,7 @@ All paths are relative POSIX paths without a leading slash.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import gzip
 import hashlib
 import io
@@ -27,10 +28,12 @@ import tarfile
 from collections.abc import Mapping, Sequence
 from dataclasses import KW_ONLY, dataclass, field
 from functools import cached_property
+from pathlib import Path
 
-import httpx
+import trio
 import zstandard
 
+from fuse.registry import CredentialStore, HostsConfig, Options, Reference, RegistryClient
 from tests.harness import trees
 
 DEFAULT_MTIME = 1_700_000_000  # 2023-11-14T22:13:20Z
@@ -395,60 +398,6 @@ class Image:
 # --- pushing --------------------------------------------------------------------------------------
 
 
-class RegistryError(RuntimeError):
-    """The registry answered with an unexpected HTTP status."""
-
-
-def _expect(response: httpx.Response, *statuses: int) -> httpx.Response:
-    if response.status_code not in statuses:
-        request = response.request
-        raise RegistryError(
-            f"{request.method} {request.url} -> HTTP {response.status_code} (expected {statuses}): "
-            f"{response.text[:2000]}"
-        )
-    return response
-
-
-def _digest(data: bytes) -> str:
-    return "sha256:" + hashlib.sha256(data).hexdigest()
-
-
-def _upload_blob(client: httpx.Client, repo: str, data: bytes, chunked: bool) -> str:
-    digest = _digest(data)
-    if _expect(client.head(f"/v2/{repo}/blobs/{digest}"), 200, 404).status_code == 200:
-        return digest
-    location = _expect(client.post(f"/v2/{repo}/blobs/uploads/"), 202).headers["Location"]
-    body = data
-    if chunked:
-        for offset in range(0, len(data), UPLOAD_CHUNK):
-            chunk = data[offset : offset + UPLOAD_CHUNK]
-            headers = {
-                "Content-Type": "application/octet-stream",
-                "Content-Range": f"{offset}-{offset + len(chunk) - 1}",
-            }
-            response = _expect(client.patch(location, content=chunk, headers=headers), 202)
-            location = response.headers["Location"]
-        body = b""
-    headers = {"Content-Type": "application/octet-stream"}
-    url = httpx.URL(location).copy_merge_params({"digest": digest})  # keep the upload's own query (_state)
-    _expect(client.put(url, content=body, headers=headers), 201)
-    return digest
-
-
-def _put_manifest(client: httpx.Client, repo: str, tag: str | None, manifest: dict) -> dict:
-    """Put a manifest or index under ``tag``, or by digest if ``tag`` is None; return its descriptor."""
-    body = json.dumps(manifest, indent=2).encode()
-    digest = _digest(body)
-    headers = {"Content-Type": manifest["mediaType"]}
-    response = _expect(
-        client.put(f"/v2/{repo}/manifests/{tag or digest}", content=body, headers=headers), 201
-    )
-    reported = response.headers.get("Docker-Content-Digest", digest)
-    if reported != digest:
-        raise RegistryError(f"registry reports manifest digest {reported}, not {digest}")
-    return {"mediaType": manifest["mediaType"], "digest": digest, "size": len(body)}
-
-
 def _check_options(compression: str, manifest_format: str) -> None:
     if manifest_format not in ("oci", "docker"):
         raise ValueError(f"manifest_format must be 'oci' or 'docker', not {manifest_format!r}")
@@ -458,16 +407,29 @@ def _check_options(compression: str, manifest_format: str) -> None:
         raise ValueError(f"Docker schema 2 has no media type for {compression!r} layers")
 
 
-def _push_manifest(
-    client: httpx.Client,
-    repo: str,
-    tag: str | None,
+def _client(chunked_upload: bool) -> RegistryClient:
+    """lazysnap's own registry client, with no credentials (test registries are plain HTTP on loopback)."""
+    return RegistryClient(
+        hosts=HostsConfig(None),
+        credentials=CredentialStore(Path("/nonexistent/config.json")),
+        options=Options(upload_chunk=UPLOAD_CHUNK if chunked_upload else 0),
+    )
+
+
+def _reference(base_url: str, repo: str, tag: str | None) -> Reference:
+    host = base_url.split("://", 1)[-1].rstrip("/")
+    return Reference.parse(f"{host}/{repo}:{tag or 'untagged'}")
+
+
+async def _push_manifest(
+    client: RegistryClient,
+    ref: Reference,
+    tagged: bool,
     image: Image,
     compression: str,
     manifest_format: str,
-    chunked_upload: bool,
 ) -> dict:
-    """Push the image's blobs and manifest; return the manifest's descriptor."""
+    """Push the image's blobs and manifest (under ref's tag, or by digest); return its descriptor."""
     if manifest_format == "oci":
         layer_types, config_type, manifest_type = OCI_LAYER, OCI_CONFIG, OCI_MANIFEST
     else:
@@ -475,20 +437,31 @@ def _push_manifest(
     layers = []
     for layer in image.layers:
         blob = layer.blob(compression)
-        digest = _upload_blob(client, repo, blob, chunked_upload)
+        digest = await client.push_blob(ref, blob)
         layers.append({"mediaType": layer_types[compression], "digest": digest, "size": len(blob)})
     config = json.dumps(image.config(), indent=2).encode()
-    config_digest = _upload_blob(client, repo, config, chunked_upload)
+    config_digest = await client.push_blob(ref, config)
     manifest = {
         "schemaVersion": 2,
         "mediaType": manifest_type,
         "config": {"mediaType": config_type, "digest": config_digest, "size": len(config)},
         "layers": layers,
     }
-    return _put_manifest(client, repo, tag, manifest)
+    return await _put_manifest(client, ref, tagged, manifest)
 
 
-def push_image(
+async def _put_manifest(client: RegistryClient, ref: Reference, tagged: bool, manifest: dict) -> dict:
+    body = json.dumps(manifest, indent=2).encode()
+    target = ref if tagged else dataclasses.replace(ref, tag=None, digest=_digest(body))
+    digest = await client.push_manifest(target, body, manifest["mediaType"])
+    return {"mediaType": manifest["mediaType"], "digest": digest, "size": len(body)}
+
+
+def _digest(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+async def push_image_async(
     base_url: str,
     repo: str,
     tag: str,
@@ -498,19 +471,21 @@ def push_image(
     manifest_format: str = "oci",
     chunked_upload: bool = False,
 ) -> str:
-    """Push ``image`` as ``repo:tag`` to the plain-HTTP registry at ``base_url``; return the manifest digest.
+    """Push ``image`` as ``repo:tag`` to the plain-HTTP registry at ``base_url`` through lazysnap's
+    registry client; return the manifest digest.
 
     ``compression`` is "gzip", "zstd" or "none"; ``manifest_format`` is "oci" or "docker" (schema 2,
     which has no zstd layers). Blobs already present are skipped; others are uploaded in one PUT, or
     with ``chunked_upload`` as PATCHes of ``UPLOAD_CHUNK`` bytes and a closing PUT.
     """
     _check_options(compression, manifest_format)
-    with httpx.Client(base_url=base_url, timeout=60) as client:
-        descriptor = _push_manifest(client, repo, tag, image, compression, manifest_format, chunked_upload)
+    async with _client(chunked_upload) as client:
+        ref = _reference(base_url, repo, tag)
+        descriptor = await _push_manifest(client, ref, True, image, compression, manifest_format)
     return descriptor["digest"]
 
 
-def push_index(
+async def push_index_async(
     base_url: str,
     repo: str,
     tag: str,
@@ -528,7 +503,8 @@ def push_index(
     """
     _check_options(compression, manifest_format)
     manifests = []
-    with httpx.Client(base_url=base_url, timeout=60) as client:
+    async with _client(chunked_upload) as client:
+        ref = _reference(base_url, repo, tag)
         for key, image in images.items():
             os_name, architecture, *variant = key.split("/")
             platform = {"architecture": architecture, "os": os_name} | (
@@ -537,10 +513,18 @@ def push_index(
             image = dataclasses.replace(
                 image, os=os_name, architecture=architecture, variant=platform.get("variant")
             )
-            descriptor = _push_manifest(
-                client, repo, None, image, compression, manifest_format, chunked_upload
-            )
+            descriptor = await _push_manifest(client, ref, False, image, compression, manifest_format)
             manifests.append(descriptor | {"platform": platform})
         index_type = OCI_INDEX if manifest_format == "oci" else DOCKER_MANIFEST_LIST
         index = {"schemaVersion": 2, "mediaType": index_type, "manifests": manifests}
-        return _put_manifest(client, repo, tag, index)["digest"]
+        return (await _put_manifest(client, ref, True, index))["digest"]
+
+
+def push_image(*args, **kw) -> str:
+    """push_image_async for synchronous callers (tests that are not async)."""
+    return trio.run(functools.partial(push_image_async, *args, **kw))
+
+
+def push_index(*args, **kw) -> str:
+    """push_index_async for synchronous callers."""
+    return trio.run(functools.partial(push_index_async, *args, **kw))

@@ -59,7 +59,7 @@ def _auth_entry(user: str, password: str) -> dict:
 
 async def test_resolve_and_read(registry: Registry, workdir: Path) -> None:
     image = small_image()
-    digest = im.push_image(registry.url, "lzs/app", "v1", image)
+    digest = await im.push_image_async(registry.url, "lzs/app", "v1", image)
     async with client_for(workdir) as client:
         resolved = await client.resolve(f"{registry.host}/lzs/app:v1")
         assert resolved.digest == digest
@@ -86,7 +86,7 @@ async def test_resolve_and_read(registry: Registry, workdir: Path) -> None:
 
 
 async def test_docker_manifests_and_platform_selection(registry: Registry, workdir: Path) -> None:
-    index = im.push_index(
+    index = await im.push_index_async(
         registry.url,
         "lzs/multi",
         "v1",
@@ -227,7 +227,7 @@ async def test_tls_and_mtls_from_hosts_toml(
 async def test_pull_through_mirror(registry_factory: Callable[..., Registry], workdir: Path) -> None:
     origin = registry_factory()
     image = small_image("mirrored")
-    im.push_image(origin.url, "lzs/mirrored", "v1", image)
+    await im.push_image_async(origin.url, "lzs/mirrored", "v1", image)
     mirror = registry_factory(config={"proxy": {"remoteurl": f"http://127.0.0.1:{origin.port}"}})
     hosts = {
         origin.host: f'server = "http://{origin.host}"\n[host."http://{mirror.host}"]\n'
