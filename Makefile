@@ -3,6 +3,7 @@
 #   make unit | integration | e2e    one tier
 #   make proto        regenerate snapshotter/api from proto/*.proto (committed; a test checks it)
 #   make lint         ruff
+#   make bench-registry   range reads through lazysnap's registry client vs curl (about a minute)
 SHELL := /bin/bash
 .DEFAULT_GOAL := test
 
@@ -13,7 +14,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 PYTEST := $(PY) -m pytest
 
-.PHONY: test unit integration e2e deps system-deps proto lint clean
+.PHONY: test unit integration e2e deps system-deps proto lint clean bench-registry
 
 test: deps
 	$(PYTEST) tests
@@ -47,6 +48,9 @@ $(STAMP): pyproject.toml
 	@$(PY) -m pip install -q --disable-pip-version-check --upgrade pip
 	@$(PY) -m pip install -q --disable-pip-version-check -e '.[test]'
 	@touch $(STAMP)
+
+bench-registry: deps
+	$(PY) -m bench.registry_ranges
 
 proto: $(STAMP)
 	$(PY) proto/generate.py
