@@ -12,6 +12,7 @@ loopback hosts (localhost, 127.0.0.0/8, ::1), which are plain HTTP.
 from __future__ import annotations
 
 import ipaddress
+import logging
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +21,7 @@ from typing import Any
 from .errors import ConfigError
 from .reference import DOCKER_HUB
 
+log = logging.getLogger("lazysnap.registry")
 CAPABILITIES = frozenset({"pull", "resolve", "push"})
 
 
@@ -137,8 +139,8 @@ def _parse_endpoint(
     if not isinstance(section, dict):
         raise ConfigError(f"{where}: must be a table")
     unknown = set(section) - {"capabilities", "ca", "client", "skip_verify", "header", "override_path"}
-    if unknown:
-        raise ConfigError(f"{where}: unknown keys {sorted(unknown)}")
+    if unknown:  # containerd ignores keys it does not know (newer versions add some): so do we
+        log.warning("%s: ignoring keys lazysnap does not use: %s", where, ", ".join(sorted(unknown)))
     if not server.startswith(("http://", "https://")):
         server = "https://" + server
     scheme, _, rest = server.partition("://")
