@@ -253,6 +253,29 @@ class Layer:
     def diff_id(self) -> str:
         return "sha256:" + hashlib.sha256(self._tar).hexdigest()
 
+    def overlay_tree(self) -> trees.Tree:
+        """This layer alone as an overlayfs lower directory shows it (as lazysnap's FUSE layers do):
+        a whiteout is a character device 0/0 (mode 0, root) named after what it hides, an opaque
+        marker sets `trusted.overlay.opaque=y` on its directory, missing parents are implicit dirs."""
+        fs = _Rootfs()
+        opaque: set[str] = set()
+        for entry in self.entries:
+            fs.make_parents(entry.path)
+            if isinstance(entry, Whiteout):
+                fs.put(entry.path, trees.Node("char", 0, rdev=(0, 0), mtime=0, xattrs={}))
+            elif isinstance(entry, Opaque):
+                opaque.add(entry.path)
+            elif isinstance(entry, Hardlink):
+                fs.put(entry.path, fs.nodes[entry.target], inode=fs.inodes[entry.target])
+            else:
+                fs.put(entry.path, _entry_node(entry))
+        for path in opaque:
+            node = fs.nodes[path]
+            fs.nodes[path] = dataclasses.replace(
+                node, xattrs={**(node.xattrs or {}), "trusted.overlay.opaque": b"y"}
+            )
+        return fs.tree()
+
 
 # --- images and the tree they produce -------------------------------------------------------------
 

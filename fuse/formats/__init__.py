@@ -1,0 +1,34 @@
+"""Seekable layer formats: eStargz (gzip and zstd) and zstd:chunked. `open_layer` reads a layer's
+footer and TOC over any `BlobSource` and gives a `Layer` whose files are read chunk by chunk, every
+byte verified; `LayerIndex` is the compact index the filesystem serves from."""
+
+from .errors import FormatError, NotLazy, Unverified
+from .footer import ESTARGZ, ESTARGZ_ZSTD, ZSTD_CHUNKED, Footer, parse_footer
+from .index import Chunk, LayerIndex, Limits, Stat, build_index
+from .reader import Layer, TocInfo, decode_chunk, merge_spans, open_layer
+from .source import BlobSource, BytesSource, FileSource, RegistrySource
+
+__all__ = [
+    "ESTARGZ",
+    "ESTARGZ_ZSTD",
+    "ZSTD_CHUNKED",
+    "BlobSource",
+    "BytesSource",
+    "Chunk",
+    "FileSource",
+    "Footer",
+    "FormatError",
+    "Layer",
+    "LayerIndex",
+    "Limits",
+    "NotLazy",
+    "RegistrySource",
+    "Stat",
+    "TocInfo",
+    "Unverified",
+    "build_index",
+    "decode_chunk",
+    "merge_spans",
+    "open_layer",
+    "parse_footer",
+]
