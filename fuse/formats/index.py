@@ -5,8 +5,9 @@ what the filesystem asks: lookup by (directory, name), attributes, directory lis
 xattrs, and for any byte range of a file the chunks that hold it. Memory is columnar (`array` columns,
 one shared digest buffer, sorted child lists) so a 100,000-entry layer costs about 200 bytes an entry.
 
-Inode numbers are local to the layer and a pure function of the TOC: entries get 2, 3, ... in TOC
-order (the root is 1), implicit parent directories follow, so a restarted daemon gives the same ones.
+Inode numbers are local to the layer and a pure function of the TOC: 2, 3, ... in TOC order (the root
+is 1), an implicit parent directory just before the first entry below it, so a restarted daemon gives
+the same ones.
 
 Overlay semantics for use as an overlayfs lower layer: `.wh.<name>` becomes a character device 0/0
 named `<name>`; `.wh..wh..opq` marks its directory opaque (`trusted.overlay.opaque = y`); the landmark
@@ -39,6 +40,7 @@ NO_PREFETCH_LANDMARK = ".no.prefetch.landmark"
 WHITEOUT = ".wh."
 OPAQUE = ".wh..wh..opq"
 _NO_DIGEST = bytes(32)
+_U32_FIELDS = frozenset({"mode", "uid", "gid", "devMajor", "devMinor"})
 
 
 @dataclass(frozen=True)
@@ -246,10 +248,12 @@ class _Builder:
         self.ends: dict[int, int] = {}  # chunk id -> endOffset given by the TOC
         self.current_file = -1  # inode of the regular file whose chunks may follow
         self.current_name = ""
+        self.current_index = -1
 
     def fail(self, i: int, e: dict, message: str) -> FormatError:
         name = e.get("name") if isinstance(e, dict) else None
-        return FormatError(f"{self.what}: TOC entry {i} ({name!r}): {message}")
+        shown = repr(name) if not isinstance(name, str) or len(name) < 200 else repr(name[:200]) + "..."
+        return FormatError(f"{self.what}: TOC entry {i} ({shown}): {message}")
 
     def build(self, entries: list) -> LayerIndex:
         for i, e in enumerate(entries):
@@ -337,7 +341,7 @@ class _Builder:
                 raise self.fail(i, e, f"size {size} beyond the limit of {self.limits.max_file_size}")
             ix.size[ino] = size
             ix.first_chunk[ino] = len(ix.c_start)
-            self.current_file, self.current_name = ino, name
+            self.current_file, self.current_name, self.current_index = ino, name, i
             if size:
                 self.add_chunk(i, e, name, first=True)
 
@@ -426,7 +430,7 @@ class _Builder:
         storage = ZEROS if e.get("chunkType") == "zeros" else self.storage
         start = self.int_field(i, e, "offset")
         inner = self.int_field(i, e, "innerOffset")
-        if storage != ZEROS and not 0 < start < self.data_end:
+        if storage != ZEROS and not 0 <= start < self.data_end:
             raise self.fail(i, e, f"offset {start} outside the data region [0, {self.data_end})")
         cid = len(ix.c_start)
         if "endOffset" in e:
@@ -452,7 +456,8 @@ class _Builder:
         covered = ix.c_file_offset[-1] + ix.c_size[-1] if ix.chunk_count[ino] else 0
         if covered != ix.size[ino]:
             raise FormatError(
-                f"{self.what}: chunks of {self.current_name!r} cover {covered} of its {ix.size[ino]} bytes"
+                f"{self.what}: TOC entry {self.current_index} ({self.current_name!r}): "
+                f"chunks cover {covered} of its {ix.size[ino]} bytes"
             )
         self.current_file = -1
 
@@ -485,8 +490,9 @@ class _Builder:
         v = e.get(key, 0)
         if v is None:
             return 0
-        if not isinstance(v, int) or isinstance(v, bool) or v < 0 or v >= 1 << 63:
-            raise self.fail(i, e, f"{key} must be a non-negative integer, not {v!r}")
+        limit = 1 << 32 if key in _U32_FIELDS else 1 << 63
+        if not isinstance(v, int) or isinstance(v, bool) or v < 0 or v >= limit:
+            raise self.fail(i, e, f"{key} must be an integer in [0, {limit}), not {v!r}")
         return v
 
     def mtime(self, i: int, e: dict) -> int:

@@ -1,0 +1,250 @@
+"""The TOC index: tree, attributes, overlay semantics, chunk plans, and every kind of lying TOC."""
+
+from __future__ import annotations
+
+import base64
+import gzip
+import hashlib
+import json
+
+import pytest
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
+
+from fuse.formats import FormatError, Unverified, build_index, decode_chunk
+from fuse.formats.index import CHAR, DIR, GZIP, REG, ROOT, SYMLINK, ZEROS, Chunk
+
+END = 10_000_000  # data region end (TOC offset) used by these TOCs
+
+
+def sha(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+def index(*entries: dict, data_end: int = END):
+    return build_index(
+        {"version": 1, "entries": list(entries)}, data_end=data_end, storage=GZIP, what="test layer"
+    )
+
+
+def reg(name: str, size: int, offset: int = 100, **kw) -> dict:
+    return {"name": name, "type": "reg", "size": size, "offset": offset, "mode": 0o644, **kw}
+
+
+def test_tree_attributes_and_overlay_semantics() -> None:
+    ix = index(
+        {"name": "etc/", "type": "dir", "mode": 0o755, "modtime": "2023-11-14T22:13:20Z"},
+        reg(
+            "etc/passwd",
+            10,
+            mode=0o4755,
+            uid=1,
+            gid=2,
+            modtime="2020-01-01T00:00:01.5Z",
+            xattrs={"user.a": base64.b64encode(b"v").decode()},
+        ),
+        {"name": "etc/passwd-", "type": "hardlink", "linkName": "etc/passwd"},
+        {"name": "bin/sh", "type": "symlink", "linkName": "/usr/bin/busybox"},  # no bin/ entry
+        {"name": "dev/null", "type": "char", "devMajor": 1, "devMinor": 3, "mode": 0o666},
+        {"name": "var/.wh.cache", "type": "reg", "size": 0, "mode": 0o644},
+        {"name": "opt/.wh..wh..opq", "type": "reg", "size": 0},
+        {"name": ".prefetch.landmark", "type": "reg", "size": 1, "offset": 5000, "chunkDigest": sha(b"\x0f")},
+    )
+    assert [n for n, _ in ix.children(ROOT)] == ["bin", "dev", "etc", "opt", "var"]
+    passwd = ix.find("etc/passwd")
+    st_ = ix.stat(passwd)
+    assert (st_.kind, st_.mode, st_.uid, st_.gid, st_.size, st_.nlink) == (REG, 0o4755, 1, 2, 10, 2)
+    assert st_.mtime_ns == 1_577_836_801_500_000_000
+    assert ix.find("etc/passwd-") == passwd  # one inode, two names
+    assert ix.stat(ix.find("etc")).mtime_ns == 1_700_000_000 * 10**9
+    assert ix.xattr(passwd, "user.a") == b"v"
+    sh = ix.find("bin/sh")
+    assert ix.kind[sh] == SYMLINK and ix.readlink(sh) == "/usr/bin/busybox"
+    assert ix.stat(ix.find("bin")).mode == 0o755  # implicit parent
+    assert ix.stat(ix.find("dev/null")).rdev == (1, 3)
+    wh = ix.stat(ix.find("var/cache"))
+    assert (wh.kind, wh.rdev, wh.mode) == (CHAR, (0, 0), 0)
+    assert ix.find("var/.wh.cache") is None
+    opt = ix.find("opt")
+    assert ix.xattr(opt, "trusted.overlay.opaque") == b"y" and ix.children(opt) == []
+    assert ix.find(".prefetch.landmark") is None and ix.prefetch_end == 5000
+    assert ix.stat(ROOT).nlink == 2 + 5  # . and .. plus five subdirectories
+    assert ix.path(passwd) == "etc/passwd"
+
+
+def test_inode_numbers_are_a_function_of_the_toc() -> None:
+    entries = [reg("a/b", 1), {"name": "c", "type": "dir"}, reg("c/d", 2, offset=200)]
+    one, two = index(*entries), index(*entries)
+    assert [one.find(p) for p in ("a", "a/b", "c", "c/d")] == [two.find(p) for p in ("a", "a/b", "c", "c/d")]
+    # TOC order, an implicit parent just before the first entry below it
+    assert [one.find(p) for p in ("a", "a/b", "c", "c/d")] == [2, 3, 4, 5]
+
+
+def test_chunks_plan_and_spans() -> None:
+    ix = index(
+        reg("big", 300, offset=100, chunkSize=100, chunkDigest=sha(b"1")),
+        {"name": "big", "type": "chunk", "offset": 200, "chunkOffset": 100, "chunkSize": 100},
+        {"name": "big", "type": "chunk", "offset": 300, "chunkOffset": 200, "chunkSize": 0},
+        reg("small", 5, offset=400),
+        {"name": "z", "type": "reg", "size": 50, "chunkType": "zeros"},
+    )
+    big = ix.find("big")
+    assert list(ix.chunks_of(big)) == [0, 1, 2]
+    assert list(ix.chunks_of(big, 150, 10)) == [1]
+    assert list(ix.chunks_of(big, 99, 2)) == [0, 1]
+    assert list(ix.chunks_of(big, 250, 1000)) == [2]
+    assert list(ix.chunks_of(big, 300, 10)) == []
+    spans = [(ix.chunk(c).start, ix.chunk(c).end) for c in range(4)]
+    assert spans == [(100, 200), (200, 300), (300, 400), (400, END)]
+    assert ix.chunk(2).size == 100 and ix.chunk(0).digest == hashlib.sha256(b"1").digest()
+    assert ix.chunk(1).digest is None
+    assert ix.chunk(4).storage == ZEROS
+
+
+def test_end_offset_is_used_when_given() -> None:
+    ix = index(reg("a", 10, offset=100, endOffset=150), reg("b", 10, offset=500))
+    assert (ix.chunk(0).start, ix.chunk(0).end) == (100, 150)
+
+
+BAD = [
+    ("absolute", [reg("/etc/x", 1)], "absolute name"),
+    ("dotdot", [reg("a/../../x", 1)], "'..'"),
+    ("dup", [reg("a", 1), reg("a", 1, offset=200)], "duplicate name"),
+    ("hardlink-nothing", [{"name": "l", "type": "hardlink", "linkName": "missing"}], "hardlink to nothing"),
+    (
+        "hardlink-dir",
+        [{"name": "d", "type": "dir"}, {"name": "l", "type": "hardlink", "linkName": "d"}],
+        "hardlink to a directory",
+    ),
+    ("negative-offset", [reg("a", 1, offset=-5)], "offset must be an integer"),
+    ("offset-past-toc", [reg("a", 1, offset=END + 1)], "outside the data region"),
+    ("offset-at-toc", [reg("a", 1, offset=END)], "outside the data region"),
+    ("end-before-start", [reg("a", 10, offset=100, endOffset=50)], "endOffset"),
+    (
+        "gap",
+        [
+            reg("a", 200, chunkSize=100),
+            {"name": "a", "type": "chunk", "offset": 300, "chunkOffset": 150, "chunkSize": 50},
+        ],
+        "expected 100",
+    ),
+    ("short", [reg("a", 200, chunkSize=100)], "cover 100 of its 200"),
+    ("overlong-chunk", [reg("a", 10, chunkSize=100)], "does not fit"),
+    ("orphan-chunk", [{"name": "a", "type": "chunk", "offset": 5, "chunkOffset": 0}], "does not follow"),
+    ("absurd-size", [reg("a", 1 << 50)], "beyond the limit"),
+    ("unknown-type", [{"name": "a", "type": "socket"}], "unknown type"),
+    ("bad-mode", [reg("a", 1, mode="0644")], "mode must be"),
+    ("huge-uid", [reg("a", 1, uid=1 << 32)], "uid must be"),
+    ("bad-digest", [reg("a", 1, chunkDigest="md5:abc")], "unsupported digest"),
+    ("bad-time", [reg("a", 1, modtime="yesterday")], "RFC 3339"),
+    ("symlink-no-target", [{"name": "s", "type": "symlink"}], "linkName"),
+    ("parent-is-file", [reg("a", 1), reg("a/b", 1, offset=200)], "not a directory"),
+    ("bad-xattr", [reg("a", 1, xattrs={"user.x": "!!!"})], "base64"),
+    ("root-not-dir", [{"name": "./", "type": "reg", "size": 0}], "root must be a directory"),
+]
+
+
+@pytest.mark.parametrize(("entries", "message"), [b[1:] for b in BAD], ids=[b[0] for b in BAD])
+def test_lying_tocs_are_clear_format_errors(entries: list[dict], message: str) -> None:
+    with pytest.raises(FormatError, match="test layer: TOC entry") as e:
+        index(*entries)
+    assert message in str(e.value)
+
+
+def test_not_a_toc() -> None:
+    for doc in (None, [], {"entries": {}}, {"version": 1}):
+        with pytest.raises(FormatError, match="not an object with an 'entries' list"):
+            build_index(doc, data_end=END, storage=GZIP, what="test layer")
+    with pytest.raises(FormatError, match="not an object"):
+        index("just a string")  # type: ignore[arg-type]
+
+
+def test_directories_listed_twice_merge() -> None:
+    ix = index(
+        {"name": "d", "type": "dir", "mode": 0o700},
+        reg("d/f", 1),
+        {"name": "d/", "type": "dir", "mode": 0o750},
+    )
+    assert ix.stat(ix.find("d")).mode == 0o750 and ix.find("d/f") is not None
+
+
+def test_decode_and_verify_chunks() -> None:
+    payload = b"hello world" * 100
+    member = gzip.compress(b"prefix" + payload + b"tar header bytes")
+    good = Chunk(0, GZIP, 0, len(member), 6, 0, len(payload), hashlib.sha256(payload).digest())
+    assert decode_chunk(good, member, "t") == payload
+    with pytest.raises(Unverified, match="does not match its digest"):
+        decode_chunk(Chunk(0, GZIP, 0, len(member), 7, 0, len(payload), good.digest), member, "t")
+    with pytest.raises(Unverified, match="no digest"):
+        decode_chunk(Chunk(0, GZIP, 0, len(member), 6, 0, len(payload), None), member, "t")
+    assert (
+        decode_chunk(Chunk(0, GZIP, 0, len(member), 6, 0, len(payload), None), member, "t", True) == payload
+    )
+    with pytest.raises(FormatError, match="does not decompress"):
+        decode_chunk(good, b"\x1f\x8bgarbage" + member[10:], "t")
+    with pytest.raises(FormatError, match="fewer than"):
+        decode_chunk(Chunk(0, GZIP, 0, len(member), 6, 0, len(payload) * 2, good.digest), member, "t")
+
+
+_names = st.text(st.sampled_from("ab./-_é\x00 "), min_size=0, max_size=12)
+_values = st.one_of(st.none(), st.integers(-5, 1 << 64), st.text(max_size=5), st.booleans())
+_entry = st.fixed_dictionaries(
+    {"name": _names, "type": st.sampled_from(["reg", "dir", "symlink", "hardlink", "chunk", "char", "x"])},
+    optional={
+        k: _values
+        for k in (
+            "size",
+            "offset",
+            "chunkOffset",
+            "chunkSize",
+            "mode",
+            "uid",
+            "endOffset",
+            "devMajor",
+            "innerOffset",
+        )
+    }
+    | {"linkName": _names, "chunkDigest": _values, "modtime": _values, "chunkType": _values},
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.lists(_entry, max_size=8))
+@example([{"name": "_", "type": "reg", "uid": 4_294_967_296}])  # found by this test: uid overflowed a column
+def test_fuzzed_tocs_give_an_index_or_a_format_error(entries: list[dict]) -> None:
+    try:
+        ix = index(*entries)
+    except FormatError:
+        return
+    # what was accepted is consistent: every file's chunks cover it exactly
+    for ino in range(2, ix.inode_count + 1):
+        if ix.kind[ino] == REG:
+            ids = ix.chunks_of(ino)
+            assert sum(ix.chunk(c).size for c in ids) == ix.size[ino]
+        assert ix.kind[ix.parent[ino]] == DIR
+
+
+def test_toc_json_round_trip_matches_digest_rules() -> None:
+    # the index accepts exactly what json.loads gives for a real TOC document
+    doc = json.loads(json.dumps({"version": 1, "entries": [reg("a", 3, chunkDigest=sha(b"abc"))]}))
+    assert build_index(doc, data_end=END, storage=GZIP, what="t").find("a") == 2
+
+
+def test_index_memory_per_entry_stays_under_300_bytes() -> None:
+    import gc
+    import tracemalloc
+
+    from bench.index_build import synthetic_toc
+
+    toc, data_end = synthetic_toc(20_000)
+    doc = json.loads(toc)
+    tracemalloc.start()
+    try:
+        ix = build_index(doc, data_end=data_end + 10, storage=GZIP, what="t")
+        del doc
+        gc.collect()
+        retained = tracemalloc.get_traced_memory()[0]
+    finally:
+        tracemalloc.stop()
+    assert ix.inode_count >= 18_000
+    assert retained / 20_000 < 300
