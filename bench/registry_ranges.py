@@ -39,7 +39,9 @@ def plan(size: int, count: int, seed: int) -> list[int]:
 
 async def lazysnap_reads(ref: Reference, digest: str, offsets: list[int], size: int, readers: int):
     latencies: list[float] = []
-    async with RegistryClient(hosts=HostsConfig(None), credentials=CredentialStore(Path("/nonexistent"))) as c:
+    async with RegistryClient(
+        hosts=HostsConfig(None), credentials=CredentialStore(Path("/nonexistent"))
+    ) as c:
         await c.read_range(ref, digest, 0, 1)  # connection set up, as curl's first transfer does too
 
         async def reader(share: list[int]) -> None:
@@ -66,8 +68,14 @@ def curl_reads(url: str, offsets: list[int], size: int, readers: int, tmp: Path)
         cfg.write_text("\n".join(lines) + "\n")
         procs.append(cfg)
     start = time.perf_counter()
-    running = [subprocess.Popen(["curl", "-s", "-f", "-K", str(cfg), "-w", "%{time_total} %{size_download}\n"],
-                                stdout=subprocess.PIPE, text=True) for cfg in procs]
+    running = [
+        subprocess.Popen(
+            ["curl", "-s", "-f", "-K", str(cfg), "-w", "%{time_total} %{size_download}\n"],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        for cfg in procs
+    ]
     outputs = [p.communicate()[0] for p in running]
     elapsed = time.perf_counter() - start
     latencies = []
@@ -111,8 +119,10 @@ def main() -> None:
             digest = trio.run(push)
             url = f"{reg.url}/v2/bench/blob/blobs/{digest}"
             rows = []
-            print(f"{'size':>8} {'readers':>7} | {'lazysnap MB/s':>13} {'p50 ms':>7} {'p95 ms':>7} | "
-                  f"{'curl MB/s':>9} {'p50 ms':>7} {'p95 ms':>7} | {'ratio':>5}")
+            print(
+                f"{'size':>8} {'readers':>7} | {'lazysnap MB/s':>13} {'p50 ms':>7} {'p95 ms':>7} | "
+                f"{'curl MB/s':>9} {'p50 ms':>7} {'p95 ms':>7} | {'ratio':>5}"
+            )
             for size in SIZES:
                 count = max(16, min(args.requests, (256 << 20) // size))  # bounded bytes per cell
                 for readers in READERS:
@@ -120,11 +130,21 @@ def main() -> None:
                     ours = summary(*trio.run(lazysnap_reads, ref, digest, offsets, size, readers), size)
                     theirs = summary(*curl_reads(url, offsets, size, readers, tmp), size)
                     ratio = ours["mb_per_s"] / theirs["mb_per_s"]
-                    rows.append({"size": size, "readers": readers, "requests": count, "lazysnap": ours,
-                                 "curl": theirs, "throughput_ratio": ratio})
-                    print(f"{size >> 10:>6}Ki {readers:>7} | {ours['mb_per_s']:>13.1f} {ours['p50_ms']:>7.2f} "
-                          f"{ours['p95_ms']:>7.2f} | {theirs['mb_per_s']:>9.1f} {theirs['p50_ms']:>7.2f} "
-                          f"{theirs['p95_ms']:>7.2f} | {ratio:>5.2f}")
+                    rows.append(
+                        {
+                            "size": size,
+                            "readers": readers,
+                            "requests": count,
+                            "lazysnap": ours,
+                            "curl": theirs,
+                            "throughput_ratio": ratio,
+                        }
+                    )
+                    print(
+                        f"{size >> 10:>6}Ki {readers:>7} | {ours['mb_per_s']:>13.1f} {ours['p50_ms']:>7.2f} "
+                        f"{ours['p95_ms']:>7.2f} | {theirs['mb_per_s']:>9.1f} {theirs['p50_ms']:>7.2f} "
+                        f"{theirs['p95_ms']:>7.2f} | {ratio:>5.2f}"
+                    )
         finally:
             reg.stop()
     args.json.parent.mkdir(parents=True, exist_ok=True)
