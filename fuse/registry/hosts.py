@@ -14,7 +14,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 import tomllib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -53,14 +53,22 @@ class Endpoint:
 
 @dataclass
 class HostsConfig:
-    """Reads hosts configuration for any registry host; None means defaults only."""
+    """Reads hosts configuration for any registry host; None means defaults only. `plain_http` makes
+    unconfigured registries plain HTTP (like `ctr --plain-http`); hosts.toml entries keep their scheme."""
 
     config_path: Path | None = None
+    plain_http: bool = False
     _cache: dict[str, list[Endpoint]] = field(default_factory=dict)
 
     def endpoints(self, registry_host: str) -> list[Endpoint]:
         if registry_host not in self._cache:
-            self._cache[registry_host] = load_endpoints(registry_host, self.config_path)
+            endpoints = load_endpoints(registry_host, self.config_path)
+            if self.plain_http:
+                endpoints = [
+                    replace(e, scheme="http") if not e.mirror and e == _default_origin(registry_host) else e
+                    for e in endpoints
+                ]
+            self._cache[registry_host] = endpoints
         return self._cache[registry_host]
 
 

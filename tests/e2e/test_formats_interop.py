@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from fuse.formats import ESTARGZ, ESTARGZ_ZSTD, ZSTD_CHUNKED, RegistrySource, open_layer
+from fuse.formats.annotations import expected_toc_digest
 from fuse.registry import CredentialStore, HostsConfig, RegistryClient
 from tests.harness import images as im
 from tests.harness import trees
@@ -19,11 +20,6 @@ from tests.harness.layers import tree_of
 from tests.harness.registry import Registry
 
 BUSYBOX = Path("/bin/busybox").read_bytes()
-TOC_DIGEST = "containerd.io/snapshot/stargz/toc.digest"
-CHUNKED_CHECKSUMS = (
-    "io.github.containers.zstd-chunked.manifest-checksum",
-    "io.containers.zstd-chunked.manifest-checksum",
-)
 
 
 def interop_image() -> im.Image:
@@ -87,11 +83,8 @@ async def check_layers(
         resolved = await client.resolve(ref)
         assert len(resolved.layers) == len(image.layers)
         for desc, src in zip(resolved.layers, image.layers, strict=True):
-            annotations = desc.get("annotations", {})
-            expected = annotations.get(TOC_DIGEST) or next(
-                (annotations[k] for k in CHUNKED_CHECKSUMS if k in annotations), None
-            )
-            assert expected, f"no TOC digest annotation in {annotations}"
+            expected = expected_toc_digest(desc.get("annotations"))
+            assert expected, f"no TOC digest annotation in {desc}"
             layer = await open_layer(
                 RegistrySource(client, resolved.reference, desc["digest"], desc["size"]), expected
             )
