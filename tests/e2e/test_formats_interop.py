@@ -4,8 +4,6 @@ content and metadata, read lazily through range requests and verified, equals th
 
 from __future__ import annotations
 
-import json
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -15,58 +13,20 @@ from fuse.formats.annotations import expected_toc_digest
 from fuse.registry import CredentialStore, HostsConfig, RegistryClient
 from tests.harness import images as im
 from tests.harness import trees
+from tests.harness.accelerate import (
+    ctr_remote_convert,
+    ctr_remote_optimize,
+    sample_image,
+    skopeo_zstd_chunked,
+)
 from tests.harness.containerd import Containerd
 from tests.harness.layers import tree_of
 from tests.harness.registry import Registry
 
-BUSYBOX = Path("/bin/busybox").read_bytes()
-
-
-def interop_image() -> im.Image:
-    base = im.Layer(
-        [
-            im.Dir("bin"),
-            im.File("bin/busybox", BUSYBOX, mode=0o755),
-            im.Symlink("bin/sh", "busybox"),
-            im.Dir("etc"),
-            im.File("etc/motd", b"hello\n"),
-            im.File("etc/secret", b"s3cret\n", mode=0o600, uid=0, gid=42),
-            im.File("etc/attrs", b"x", xattrs={"user.lazysnap": b"value"}),
-            im.Hardlink("etc/motd.link", "etc/motd"),
-            im.Symlink("etc/abs", "/etc/motd"),
-            im.Dir("data", mode=0o1777),
-            im.File("data/empty", b""),
-            im.File("data/big", im.pseudo_random(5 << 20, seed=11), mode=0o640),
-            im.File("data/zeros", bytes(3 << 20)),
-            im.File("data/ünïcödé", b"unicode", uid=1000, gid=1000),
-            im.File("data/" + "long-" * 30, b"long name"),
-            im.Dir("dev-nodes"),
-            im.CharDev("dev-nodes/null", 1, 3),
-            im.Fifo("dev-nodes/fifo"),
-            im.Dir("old"),
-            im.File("old/gone", b"x"),
-            im.Dir("opq"),
-            im.File("opq/hidden", b"x"),
-        ]
-    )
-    top = im.Layer(
-        [
-            im.Dir("old"),
-            im.Whiteout("old/gone"),
-            im.Dir("opq"),
-            im.Opaque("opq"),
-            im.File("opq/new", b"new"),
-            im.Dir("usr"),
-            im.Dir("usr/bin"),
-            im.File("usr/bin/tool", b"#!/bin/sh\necho tool\n", mode=0o4755),
-        ]
-    )
-    return im.Image([base, top], cmd=["/bin/sh"])
-
 
 @pytest.fixture
 def source_image(registry: Registry, containerd: Containerd) -> tuple[im.Image, str]:
-    image = interop_image()
+    image = sample_image()
     im.push_image(registry.url, "interop/src", "v1", image)
     ref = f"{registry.host}/interop/src:v1"
     containerd.ctr("image", "pull", "--plain-http", ref)
@@ -106,9 +66,7 @@ async def test_ctr_remote_convert(
     registry: Registry, containerd: Containerd, source_image, workdir: Path, args: list[str], fmt: str
 ) -> None:
     image, ref = source_image
-    dst = f"{registry.host}/interop/conv:{fmt}-{len(args)}"
-    containerd.ctr_remote("image", "convert", *args, "--oci", ref, dst)
-    containerd.ctr_remote("image", "push", "--plain-http", dst)
+    dst = ctr_remote_convert(containerd, ref, f"{registry.host}/interop/conv:{fmt}-{len(args)}", *args)
     layers = await check_layers(registry, dst, image, fmt, workdir)
     if "65536" in args:  # the 5 MiB file is split into 64 KiB chunks
         big = layers[0].index.find("data/big")
@@ -120,19 +78,9 @@ async def test_ctr_remote_optimize_landmark(
     registry: Registry, containerd: Containerd, source_image, workdir: Path
 ) -> None:
     image, ref = source_image
-    dst = f"{registry.host}/interop/opt:v1"
-    containerd.ctr_remote(
-        "image",
-        "optimize",
-        "--oci",
-        "--period",
-        "1",
-        "--args",
-        json.dumps(["/bin/sh", "-c", "cat /etc/motd /data/big > /dev/null"]),
-        ref,
-        dst,
+    dst = ctr_remote_optimize(
+        containerd, ref, f"{registry.host}/interop/opt:v1", "cat /etc/motd /data/big > /dev/null"
     )
-    containerd.ctr_remote("image", "push", "--plain-http", dst)
     layers = await check_layers(registry, dst, image, ESTARGZ, workdir)
     base = layers[0]
     span = base.prefetch_span()
@@ -145,19 +93,10 @@ async def test_ctr_remote_optimize_landmark(
 
 
 async def test_skopeo_zstd_chunked(registry: Registry, workdir: Path) -> None:
-    image = interop_image()
+    image = sample_image()
     await im.push_image_async(registry.url, "interop/src", "v1", image)
-    src_dir, dst_dir = workdir / "oci-src", workdir / "oci-dst"
-    skopeo = ["skopeo", "copy", "--quiet", "--src-tls-verify=false", "--dest-tls-verify=false"]
-    subprocess.run([*skopeo, f"docker://{registry.host}/interop/src:v1", f"oci:{src_dir}:v1"], check=True)
-    subprocess.run(
-        [*skopeo, "--dest-compress-format", "zstd:chunked", f"oci:{src_dir}:v1", f"oci:{dst_dir}:v1"],
-        check=True,
-    )
-    subprocess.run([*skopeo, f"oci:{dst_dir}:v1", f"docker://{registry.host}/interop/chunked:v1"], check=True)
+    dst = skopeo_zstd_chunked(registry, workdir, "interop/src:v1", "interop/chunked:v1")
     # skopeo 1.9 (containers/storage of its time) writes the 40-byte "GnUlInUx" footer that stargz's
     # zstd variant also uses; newer ones the 64-byte "GNUlInUx" footer: both are read.
-    layers = await check_layers(
-        registry, f"{registry.host}/interop/chunked:v1", image, (ESTARGZ_ZSTD, ZSTD_CHUNKED), workdir
-    )
+    layers = await check_layers(registry, dst, image, (ESTARGZ_ZSTD, ZSTD_CHUNKED), workdir)
     assert all(layer.toc.compressed_digest for layer in layers)
