@@ -16,9 +16,9 @@ BUSYBOX = Path("/bin/busybox").read_bytes()
 
 
 def sample_image() -> im.Image:
-    """Two layers: every entry kind, a multi-chunk file, zero runs, special modes and names, a whiteout
-    and an opaque directory over the first layer, and a second layer without parent directory entries
-    for one of its files' grandparents... but with its parents (ctr-remote's optimizer needs them)."""
+    """Two layers: every entry kind, a multi-chunk file, zero runs, special modes and names, and a
+    whiteout and an opaque directory over the first layer. Parent directories are listed explicitly:
+    ctr-remote's optimizer fails without them."""
     base = im.Layer(
         [
             im.Dir("bin"),
