@@ -1,0 +1,343 @@
+"""The fetcher: turns "give me chunk N of this layer" into as few verified range requests as possible.
+
+- A chunk is served from a small in-memory LRU of decoded chunks (sequential FUSE reads of 128 KiB-1 MiB
+  walk through one 4 MiB chunk), else from the on-disk chunk cache, else fetched.
+- In-flight deduplication by chunk: a hundred readers of one chunk cause one request; a chunk already
+  being fetched as part of a neighbour's range is waited for, never fetched twice.
+- A miss fetches the missing chunks that follow it in the blob too (the rest of a large file, the next
+  small files, which are usually read next), merged into one range up to `merge_cap`.
+- Fetches run in the fetcher's own nursery, so a reader that gives up (its `read_timeout` passed:
+  EIO, with a log line naming image, layer and file) does not cancel work other readers will use.
+- Prefetch at mount fetches the prioritized region (everything before `.prefetch.landmark`) in
+  `prefetch_piece` pieces, each chunk usable as soon as its piece arrives. The background fetch then walks
+  the rest of the layer at `background_rate` bytes/s (0: as fast as the link allows), pausing while
+  on-demand reads are waiting, until the layer needs no network at all.
+- Decompression and verification run in worker threads (`formats.reader.DECODE_LIMIT`); requests to
+  one registry host are bounded by a per-host limiter.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+import trio
+
+from .cache import ChunkCache
+from .formats import Layer
+from .formats.index import ZEROS
+from .formats.reader import DECODE_LIMIT, merge_spans
+
+log = logging.getLogger("lazysnap.fetch")
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, math.inf)
+
+
+class FetchTimeout(Exception):
+    """A read could not be served within read_timeout."""
+
+
+@dataclass(frozen=True)
+class FetchOptions:
+    merge_cap: int = 1 << 20  # bytes of blob one on-demand request may cover (neighbours included)
+    read_timeout: float = 30.0  # a read waits this long at most, then EIO
+    per_host: int = 8  # concurrent requests to one registry host
+    memory_cache: int = 64 << 20  # decoded chunks kept in memory
+    prefetch: bool = True
+    background: bool = True
+    background_rate: float = 0.0  # bytes/s; 0 = unlimited
+    prefetch_piece: int = 4 << 20  # the prioritized region comes in pieces, each usable on arrival
+    background_piece: int = 8 << 20
+
+
+@dataclass
+class Counters:
+    bytes_on_demand: int = 0
+    bytes_prefetch: int = 0
+    bytes_background: int = 0
+    requests: int = 0
+    cache_hits: int = 0  # memory or disk
+    cache_misses: int = 0
+    timeouts: int = 0
+    errors: int = 0
+    latency: list[int] = field(default_factory=lambda: [0] * len(LATENCY_BUCKETS))  # fetch latency histogram
+
+    def add_bytes(self, kind: str, n: int) -> None:
+        if kind == "demand":
+            self.bytes_on_demand += n
+        elif kind == "prefetch":
+            self.bytes_prefetch += n
+        else:
+            self.bytes_background += n
+
+    def observe(self, seconds: float) -> None:
+        for i, bound in enumerate(LATENCY_BUCKETS):
+            if seconds <= bound:
+                self.latency[i] += 1
+                return
+
+
+class LayerHandle:
+    """A layer as the fetcher serves it: the opened format reader, a stable id, its host."""
+
+    def __init__(self, layer: Layer, layer_id: str, name: str, host: str = "local"):
+        self.layer, self.id, self.name, self.host = layer, layer_id, name, host
+        self.cached = bytearray(len(layer.index.c_start))  # 1 = known to be in the cache
+        self.closed = False
+
+    @property
+    def chunk_count(self) -> int:
+        return len(self.cached)
+
+    def fetched_fraction(self) -> float:
+        return sum(self.cached) / len(self.cached) if self.cached else 1.0
+
+
+class _Pending:
+    def __init__(self) -> None:
+        self.done = trio.Event()
+        self.data: bytes | None = None
+        self.error: BaseException | None = None
+
+
+class Fetcher:
+    def __init__(self, cache: ChunkCache, options: FetchOptions | None = None):
+        self.cache = cache
+        self.options = options or FetchOptions()
+        self.counters = Counters()
+        self._nursery: trio.Nursery | None = None
+        self._pending: dict[tuple[str, int], _Pending] = {}
+        self._memory: OrderedDict[tuple[str, int], bytes] = OrderedDict()
+        self._memory_bytes = 0
+        self._hosts: dict[str, trio.CapacityLimiter] = {}
+        self._demand_waiting = 0
+        self._demand_idle = trio.Event()
+        self._demand_idle.set()
+
+    async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """Run the fetcher's nursery (fetches, cache writes, background work) until cancelled."""
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            task_status.started()
+            await trio.sleep_forever()
+
+    # --- reads -----------------------------------------------------------------------------------
+
+    async def read(self, handle: LayerHandle, ino: int, offset: int, length: int) -> bytes:
+        """Bytes of a file, for a FUSE read. Raises FetchTimeout after read_timeout."""
+        ix = handle.layer.index
+        ids = list(ix.chunks_of(ino, offset, length))
+        if not ids:
+            return b""
+        self._demand_waiting += 1
+        self._demand_idle = trio.Event() if self._demand_idle.is_set() else self._demand_idle
+        try:
+            with trio.move_on_after(self.options.read_timeout) as scope:
+                if len(ids) == 1:
+                    datas = [await self.chunk(handle, ids[0])]
+                else:
+                    datas = [b""] * len(ids)
+
+                    async def one(i: int, cid: int) -> None:
+                        datas[i] = await self.chunk(handle, cid)
+
+                    async with trio.open_nursery() as nursery:
+                        for i, cid in enumerate(ids):
+                            nursery.start_soon(one, i, cid)
+        finally:
+            self._demand_waiting -= 1
+            if self._demand_waiting == 0:
+                self._demand_idle.set()
+        if scope.cancelled_caught:
+            self.counters.timeouts += 1
+            raise FetchTimeout(
+                f"{handle.name}: {ix.path(ino)}: no data within {self.options.read_timeout:.0f}s"
+            )
+        end = min(offset + length, ix.size[ino])
+        parts = []
+        for cid, data in zip(ids, datas, strict=True):
+            c_off = ix.c_file_offset[cid]
+            parts.append(data[max(0, offset - c_off) : max(0, end - c_off)])
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    async def chunk(self, handle: LayerHandle, cid: int) -> bytes:
+        """One verified chunk: memory, disk cache, a fetch in flight, or a new fetch."""
+        key = (handle.id, cid)
+        data = self._memory.get(key)
+        if data is not None:
+            self._memory.move_to_end(key)
+            self.counters.cache_hits += 1
+            return data
+        ix = handle.layer.index
+        if ix.c_storage[cid] == ZEROS:
+            return bytes(ix.c_size[cid])
+        pending = self._pending.get(key)
+        if pending is None:
+            cache_key = self._cache_key(handle, cid)
+            if handle.cached[cid] or self.cache.contains(cache_key):
+                data = await self.cache.get(cache_key, ix.c_size[cid])
+                if data is not None:
+                    self.counters.cache_hits += 1
+                    handle.cached[cid] = 1
+                    self._remember(key, data)
+                    return data
+                handle.cached[cid] = 0  # corrupt or evicted: fetch again
+            pending = self._pending.get(key)  # another task may have started it meanwhile
+            if pending is None:
+                self.counters.cache_misses += 1
+                plan = self._plan(handle, cid)
+                self._start(handle, plan, "demand")
+                pending = self._pending[key]
+        await pending.done.wait()
+        if pending.error is not None:
+            raise pending.error
+        assert pending.data is not None
+        return pending.data
+
+    def _plan(self, handle: LayerHandle, cid: int) -> list[int]:
+        """The chunk and the missing chunks after it in the blob, within merge_cap."""
+        ix = handle.layer.index
+        start = ix.c_start[cid]
+        plan = [cid]
+        nxt = cid + 1
+        while nxt < handle.chunk_count:
+            if ix.c_storage[nxt] == ZEROS:
+                nxt += 1
+                continue
+            if ix.c_end[nxt] - start > self.options.merge_cap and ix.c_start[nxt] != ix.c_start[plan[-1]]:
+                break
+            key = (handle.id, nxt)
+            if handle.cached[nxt] or key in self._pending or key in self._memory:
+                break
+            plan.append(nxt)
+            nxt += 1
+        return plan
+
+    def _start(self, handle: LayerHandle, ids: list[int], kind: str) -> None:
+        """Register chunks as in flight and start fetching them in the fetcher's nursery."""
+        pendings = {cid: self._pending.setdefault((handle.id, cid), _Pending()) for cid in ids}
+        assert self._nursery is not None, "Fetcher.run() is not running"
+        self._nursery.start_soon(self._fetch, handle, pendings, kind)
+
+    async def _fetch(self, handle: LayerHandle, pendings: dict[int, _Pending], kind: str) -> None:
+        layer = handle.layer
+        ix = layer.index
+        chunks = sorted((ix.chunk(cid) for cid in pendings), key=lambda c: (c.start, c.inner))
+        started = time.monotonic()
+        try:
+            limiter = self._hosts.setdefault(handle.host, trio.CapacityLimiter(self.options.per_host))
+            groups = merge_spans(chunks, cap=max(self.options.merge_cap, self.options.background_piece))
+            async with limiter:
+                datas = await layer.source.read_many([(s, e - s) for s, e, _ in groups])
+            self.counters.requests += 1
+            self.counters.observe(time.monotonic() - started)
+            self.counters.add_bytes(kind, sum(len(d) for d in datas))
+            for (start, _end, members), data in zip(groups, datas, strict=True):
+                decoded = await trio.to_thread.run_sync(
+                    layer._decode_group, start, data, members, limiter=DECODE_LIMIT
+                )
+                for cid, chunk_data in decoded.items():
+                    self._resolve(handle, cid, pendings[cid], chunk_data, store_now=kind == "demand")
+                if kind != "demand":  # prefetch and background: stored before the walk goes on
+                    for cid, chunk_data in decoded.items():
+                        await self._store(handle, cid, chunk_data)
+        except BaseException as e:  # resolve every waiter, then let cancellation propagate
+            self.counters.errors += 1
+            log.warning("fetch failed: %s: chunks %s: %s", handle.name, sorted(pendings), e)
+            for cid, p in pendings.items():
+                if not p.done.is_set():
+                    p.error = (
+                        e if isinstance(e, Exception) else FetchTimeout(f"{handle.name}: fetch cancelled")
+                    )
+                    self._pending.pop((handle.id, cid), None)
+                    p.done.set()
+            if not isinstance(e, Exception):
+                raise
+
+    def _resolve(
+        self, handle: LayerHandle, cid: int, pending: _Pending, data: bytes, store_now: bool
+    ) -> None:
+        pending.data = data
+        self._pending.pop((handle.id, cid), None)
+        pending.done.set()
+        self._remember((handle.id, cid), data)
+        if store_now:  # waiters go on at once; the cache write happens beside them
+            assert self._nursery is not None
+            self._nursery.start_soon(self._store, handle, cid, data)
+
+    async def _store(self, handle: LayerHandle, cid: int, data: bytes) -> None:
+        if handle.cached[cid]:
+            return
+        try:
+            await self.cache.put(self._cache_key(handle, cid), data)
+            handle.cached[cid] = 1
+        except OSError as e:
+            log.warning("chunk cache write failed (%s): %s", handle.name, e)
+
+    def _remember(self, key: tuple[str, int], data: bytes) -> None:
+        if key in self._memory:
+            return
+        self._memory[key] = data
+        self._memory_bytes += len(data)
+        while self._memory_bytes > self.options.memory_cache and len(self._memory) > 1:
+            _, old = self._memory.popitem(last=False)
+            self._memory_bytes -= len(old)
+
+    def _cache_key(self, handle: LayerHandle, cid: int) -> str:
+        digest = handle.layer.index.chunk(cid).digest
+        return self.cache.key(digest, handle.id, cid)
+
+    # --- prefetch and background ------------------------------------------------------------------
+
+    async def prefetch(self, handle: LayerHandle) -> int:
+        """Fetch the prioritized region (chunks before the landmark); returns the bytes it covers."""
+        span = handle.layer.prefetch_span()
+        if not span or not self.options.prefetch:
+            return 0
+        ix = handle.layer.index
+        ids = [c for c in range(handle.chunk_count) if ix.c_storage[c] != ZEROS and ix.c_start[c] < span[1]]
+        await self._walk(handle, ids, "prefetch", self.options.prefetch_piece, rate=0.0)
+        return span[1]
+
+    async def background(self, handle: LayerHandle) -> None:
+        """Fetch every chunk not yet cached, politely, until the layer needs no network."""
+        if not self.options.background:
+            return
+        ix = handle.layer.index
+        ids = [c for c in range(handle.chunk_count) if ix.c_storage[c] != ZEROS]
+        await self._walk(
+            handle, ids, "background", self.options.background_piece, self.options.background_rate
+        )
+
+    async def _walk(self, handle: LayerHandle, ids: list[int], kind: str, piece: int, rate: float) -> None:
+        """Fetch chunks in blob order, `piece` bytes at a time, each piece stored before the next."""
+        ix = handle.layer.index
+        ids.sort(key=lambda c: (ix.c_start[c], ix.c_inner[c]))
+        i = 0
+        while i < len(ids) and not handle.closed:
+            if kind == "background":
+                await self._demand_idle.wait()  # on-demand reads first
+            group: list[int] = []
+            start = ix.c_start[ids[i]]
+            while i < len(ids) and (
+                not group or ix.c_end[ids[i]] - start <= piece or ix.c_start[ids[i]] == ix.c_start[group[-1]]
+            ):
+                cid = ids[i]
+                i += 1
+                key = (handle.id, cid)
+                if handle.cached[cid] or self.cache.contains(self._cache_key(handle, cid)):
+                    handle.cached[cid] = 1
+                elif key in self._memory:  # fetched on demand, its cache write may still be running
+                    await self._store(handle, cid, self._memory[key])
+                elif key in self._pending:
+                    await self._pending[key].done.wait()
+                else:
+                    group.append(cid)
+            if not group:
+                continue
+            pendings = {cid: self._pending.setdefault((handle.id, cid), _Pending()) for cid in group}
+            await self._fetch(handle, pendings, kind)
+            if rate > 0:
+                await trio.sleep((ix.c_end[group[-1]] - ix.c_start[group[0]]) / rate)

@@ -1,0 +1,130 @@
+"""The fetcher over an in-memory blob: few requests, no duplicate fetches, bounded waits, and a layer
+that needs no network once the background fetch is done."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import trio
+
+from fuse.cache import ChunkCache
+from fuse.fetch import Fetcher, FetchOptions, FetchTimeout, LayerHandle
+from fuse.formats import BytesSource, open_layer
+from fuse.formats.writer import WriteOptions, convert_bytes
+from tests.harness import images as im
+
+FILES = {f"f{i:02d}": im.pseudo_random(100_000 + i, seed=i) for i in range(20)}
+BIG = im.pseudo_random(3 << 20, seed=99)
+
+
+def layer_tar(prioritized: tuple[str, ...] = ()) -> tuple[bytes, str]:
+    tar = im.Layer([*(im.File(n, d) for n, d in FILES.items()), im.File("big", BIG)]).tar()
+    blob, result = convert_bytes(tar, WriteOptions(chunk_size=1 << 20, prioritized=prioritized))
+    return blob, result.toc_digest
+
+
+class CountingSource(BytesSource):
+    """An in-memory blob that can be made slow or broken."""
+
+    def __init__(self, data: bytes):
+        super().__init__(data, "test layer")
+        self.requests = 0
+        self.delay = 0.0
+        self.gate: trio.Event | None = None  # requests wait until it is set
+        self.broken = False
+
+    async def read_many(self, spans):
+        self.requests += 1
+        if self.delay:
+            await trio.sleep(self.delay)
+        if self.gate is not None:
+            await self.gate.wait()
+        if self.broken:
+            raise OSError("registry unreachable")
+        return await super().read_many(spans)
+
+
+async def setup(tmp_path: Path, options: FetchOptions | None = None, prioritized=()):
+    blob, toc = layer_tar(prioritized)
+    source = CountingSource(blob)
+    layer = await open_layer(source, toc)
+    cache = ChunkCache(tmp_path / "cache", 1 << 30, fsync=False)
+    await cache.open()
+    fetcher = Fetcher(cache, options or FetchOptions())
+    return source, LayerHandle(layer, "layer-1", "test layer"), fetcher
+
+
+async def test_one_request_for_a_hundred_readers(tmp_path: Path, nursery) -> None:
+    source, handle, fetcher = await setup(tmp_path)
+    await nursery.start(fetcher.run)
+    ix = handle.layer.index
+    ino = ix.find("f05")
+    source.delay = 0.05
+    results = []
+
+    async def reader() -> None:
+        results.append(await fetcher.read(handle, ino, 0, 200_000))
+
+    async with trio.open_nursery() as readers:
+        for _ in range(100):
+            readers.start_soon(reader)
+    assert results == [FILES["f05"]] * 100
+    assert source.requests == 1
+
+
+async def test_neighbours_come_in_the_same_range(tmp_path: Path, nursery) -> None:
+    source, handle, fetcher = await setup(tmp_path, FetchOptions(merge_cap=1 << 20))
+    await nursery.start(fetcher.run)
+    ix = handle.layer.index
+    assert await fetcher.read(handle, ix.find("f00"), 0, 10) == FILES["f00"][:10]
+    assert source.requests == 1
+    for name in ("f01", "f02", "f03", "f04", "f05", "f06", "f07"):  # ~100 KB each: within the 1 MiB cap
+        assert await fetcher.read(handle, ix.find(name), 0, 200_000) == FILES[name]
+    assert source.requests == 1
+    big = ix.find("big")
+    assert await fetcher.read(handle, big, (1 << 20) - 5, 10) == BIG[(1 << 20) - 5 : (1 << 20) + 5]
+
+
+async def test_a_read_gives_up_in_bounded_time_and_recovers(tmp_path: Path, nursery) -> None:
+    source, handle, fetcher = await setup(tmp_path, FetchOptions(read_timeout=0.3, merge_cap=64 << 10))
+    await nursery.start(fetcher.run)
+    ix = handle.layer.index
+    source.gate = trio.Event()
+    with trio.fail_after(2):
+        with pytest.raises(FetchTimeout, match="f03"):
+            await fetcher.read(handle, ix.find("f03"), 0, 10)
+    source.gate.set()  # the registry answers after all: the fetch went on without the reader
+    await trio.sleep(0.1)
+    requests = source.requests
+    assert await fetcher.read(handle, ix.find("f03"), 0, 10) == FILES["f03"][:10]
+    assert source.requests == requests
+
+    source.broken = True  # an error reaches the reader, and the next read tries again
+    with pytest.raises(OSError, match="unreachable"):
+        await fetcher.read(handle, ix.find("f19"), 0, 10)
+    source.broken = False
+    assert await fetcher.read(handle, ix.find("f19"), 0, 10) == FILES["f19"][:10]
+
+
+async def test_prefetch_and_background_make_the_layer_local(tmp_path: Path, nursery) -> None:
+    source, handle, fetcher = await setup(
+        tmp_path, FetchOptions(prefetch_piece=256 << 10), prioritized=("f10", "f11")
+    )
+    await nursery.start(fetcher.run)
+    covered = await fetcher.prefetch(handle)
+    assert covered and source.requests >= 1
+    requests = source.requests
+    ix = handle.layer.index
+    assert await fetcher.read(handle, ix.find("f11"), 0, 200_000) == FILES["f11"]
+    assert source.requests == requests  # prefetched: no request
+    await fetcher.background(handle)
+    assert handle.fetched_fraction() == 1.0
+    source.broken = True  # no network needed any more, even after a restart with a new fetcher
+    fetcher2 = Fetcher(fetcher.cache, FetchOptions())
+    await nursery.start(fetcher2.run)
+    handle2 = LayerHandle(handle.layer, "layer-1", "test layer")
+    for name, data in FILES.items():
+        assert await fetcher2.read(handle2, ix.find(name), 0, 200_000) == data
+    assert await fetcher2.read(handle2, ix.find("big"), 0, 4 << 20) == BIG
+    assert fetcher.counters.bytes_prefetch > 0 and fetcher.counters.bytes_background > 0
