@@ -50,6 +50,7 @@ class FetchOptions:
     background_rate: float = 0.0  # bytes/s; 0 = unlimited
     prefetch_piece: int = 4 << 20  # the prioritized region comes in pieces, each usable on arrival
     background_piece: int = 8 << 20
+    read_ahead: int = 8 << 20  # a file read sequentially: fetch this much of what follows
 
 
 @dataclass
@@ -111,6 +112,9 @@ class Fetcher:
         self._pending: dict[tuple[str, int], _Pending] = {}
         self._memory: OrderedDict[tuple[str, int], bytes] = OrderedDict()
         self._memory_bytes = 0
+        self._positions: OrderedDict[tuple[str, int], int] = (
+            OrderedDict()
+        )  # where each file's last read ended
         self._hosts: dict[str, trio.CapacityLimiter] = {}
         self._demand_waiting = 0
         self._demand_idle = trio.Event()
@@ -128,17 +132,40 @@ class Fetcher:
     async def read(self, handle: LayerHandle, ino: int, offset: int, length: int) -> bytes:
         """Bytes of a file, for a FUSE read. Raises FetchTimeout after read_timeout."""
         ix = handle.layer.index
-        ids = list(ix.chunks_of(ino, offset, length))
+        ids = ix.chunks_of(ino, offset, length)
         if not ids:
             return b""
+        end = min(offset + length, ix.size[ino])
+        memory = self._memory
+        datas = [memory.get((handle.id, cid)) for cid in ids]
+        if None in datas or len(ids) > 1:
+            sequential = self._note_position(handle, ino, offset, end)
+            if sequential:
+                self._read_ahead(handle, ids[-1], ix.first_chunk[ino] + ix.chunk_count[ino])
+            if len(ids) == 1 and not sequential and length <= ix.c_size[ids[0]] // 4:
+                part = await self._disk_part(handle, ids[0], offset - ix.c_file_offset[ids[0]], end - offset)
+                if part is not None:  # a small random read of a cached chunk: just those bytes
+                    return part
+            datas = await self._demand(handle, ino, list(ids))
+        else:
+            memory.move_to_end((handle.id, ids[0]))
+            self.counters.cache_hits += 1
+        parts = []
+        for cid, data in zip(ids, datas, strict=True):
+            c_off = ix.c_file_offset[cid]
+            parts.append(data[max(0, offset - c_off) : max(0, end - c_off)])
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    async def _demand(self, handle: LayerHandle, ino: int, ids: list[int]) -> list[bytes]:
+        """The chunks of an on-demand read, within read_timeout; background work pauses meanwhile."""
         self._demand_waiting += 1
         self._demand_idle = trio.Event() if self._demand_idle.is_set() else self._demand_idle
+        datas: list[bytes] = [b""] * len(ids)
         try:
             with trio.move_on_after(self.options.read_timeout) as scope:
                 if len(ids) == 1:
-                    datas = [await self.chunk(handle, ids[0])]
+                    datas[0] = await self.chunk(handle, ids[0])
                 else:
-                    datas = [b""] * len(ids)
 
                     async def one(i: int, cid: int) -> None:
                         datas[i] = await self.chunk(handle, cid)
@@ -152,15 +179,51 @@ class Fetcher:
                 self._demand_idle.set()
         if scope.cancelled_caught:
             self.counters.timeouts += 1
-            raise FetchTimeout(
-                f"{handle.name}: {ix.path(ino)}: no data within {self.options.read_timeout:.0f}s"
-            )
-        end = min(offset + length, ix.size[ino])
-        parts = []
-        for cid, data in zip(ids, datas, strict=True):
-            c_off = ix.c_file_offset[cid]
-            parts.append(data[max(0, offset - c_off) : max(0, end - c_off)])
-        return parts[0] if len(parts) == 1 else b"".join(parts)
+            path = handle.layer.index.path(ino)
+            raise FetchTimeout(f"{handle.name}: {path}: no data within {self.options.read_timeout:.0f}s")
+        return datas
+
+    def _note_position(self, handle: LayerHandle, ino: int, offset: int, end: int) -> bool:
+        """Remember where a file's last read ended; True when this read continues it (or starts it)."""
+        key = (handle.id, ino)
+        sequential = offset == 0 or self._positions.get(key) == offset
+        self._positions[key] = end
+        self._positions.move_to_end(key)
+        if len(self._positions) > 4096:
+            self._positions.popitem(last=False)
+        return sequential
+
+    def _read_ahead(self, handle: LayerHandle, last: int, file_end: int) -> None:
+        """A file read sequentially: start fetching its next chunks (up to read_ahead bytes)."""
+        ix = handle.layer.index
+        budget = self.options.read_ahead
+        ids = []
+        for cid in range(last + 1, file_end):
+            budget -= ix.c_size[cid]
+            if budget < 0:
+                break
+            key = (handle.id, cid)
+            if (
+                ix.c_storage[cid] == ZEROS
+                or key in self._pending
+                or key in self._memory
+                or handle.cached[cid]
+            ):
+                continue
+            if self.cache.contains(self._cache_key(handle, cid)):
+                continue
+            ids.append(cid)
+        if ids:
+            self._start(handle, ids, "demand")
+
+    async def _disk_part(self, handle: LayerHandle, cid: int, offset: int, length: int) -> bytes | None:
+        key = self._cache_key(handle, cid)
+        if not (handle.cached[cid] or self.cache.contains(key)):
+            return None
+        data = await self.cache.get(key, handle.layer.index.c_size[cid], offset=offset, length=length)
+        if data is not None:
+            self.counters.cache_hits += 1
+        return data
 
     async def chunk(self, handle: LayerHandle, cid: int) -> bytes:
         """One verified chunk: memory, disk cache, a fetch in flight, or a new fetch."""

@@ -43,6 +43,20 @@ TYPE_BITS = {
 MOUNT_OPTIONS = ("fsname=lazysnap", "subtype=lazysnap", "ro", "default_permissions", "allow_other")
 
 
+def raise_read_ahead(mountpoint: str, kb: int = 1024) -> bool:
+    """Let the kernel read ahead `kb` on the mount (1 MiB requests instead of 128 KiB: +41% measured
+    for sequential first reads, shared/reference/pyfuse3-facts.md). False when it cannot be set."""
+    dev = os.stat(mountpoint).st_dev
+    path = f"/sys/class/bdi/{os.major(dev)}:{os.minor(dev)}/read_ahead_kb"
+    try:
+        with open(path, "w") as f:
+            f.write(str(kb))
+        return True
+    except OSError as e:
+        log.warning("cannot raise read-ahead on %s (%s): %s", mountpoint, path, e)
+        return False
+
+
 @dataclass
 class _Mounted:
     name: str

@@ -20,7 +20,7 @@ from fuse.cache import ChunkCache
 from fuse.fetch import Fetcher, FetchOptions, LayerHandle
 from fuse.formats import NotLazy, RegistrySource, open_layer
 from fuse.formats.annotations import expected_toc_digest
-from fuse.fs import MOUNT_OPTIONS, LazyFS
+from fuse.fs import MOUNT_OPTIONS, LazyFS, raise_read_ahead
 from fuse.registry import CredentialStore, HostsConfig, Platform, Reference, RegistryClient
 
 log = logging.getLogger("lazysnap.mount")
@@ -82,6 +82,7 @@ async def serve(fetcher: Fetcher, handles: list[LayerHandle], mountpoint: Path, 
     for slot, (name, handle) in enumerate(zip(names, handles, strict=True), start=1):
         fs.add_layer(name, slot, handle)
     pyfuse3.init(fs, str(fuse_dir), list(MOUNT_OPTIONS))
+    raise_read_ahead(str(fuse_dir))
     try:
         async with trio.open_nursery() as nursery:
             await nursery.start(fetcher.run)

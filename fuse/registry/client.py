@@ -6,6 +6,9 @@ and full jitter handles connection errors, 5xx and 429 (honouring Retry-After), 
 once with fresh credentials. A caller-supplied handler reads the response inside the loop, so a body
 cut off mid-way is retried too. Each public operation runs under an overall deadline.
 
+Whole blobs as files (for the converter): `download_blob` streams a blob to a file and verifies it;
+`upload_blob_file` uploads a file in bounded PATCH chunks (or mounts it from another repository).
+
 Blob reads: ranges are coalesced into one multi-range request where the host supports it (a host that
 answers 200, 400, 416 or 501 to a multi-range request is remembered and asked single ranges from then on),
 every Content-Range is checked against the request, and redirects to blob storage are cached per blob
@@ -22,6 +25,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
+from pathlib import Path
 from typing import TypeVar
 from urllib.parse import urljoin
 
@@ -52,6 +56,9 @@ RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
 REDIRECTS = frozenset({301, 302, 303, 307, 308})
 MAX_CONFIG_SIZE = 64 << 20
 MAX_RETRY_AFTER = 60.0
+FILE_BUFFER = 1 << 20  # blob downloads are written to their file in pieces of this size
+FILE_UPLOAD_CHUNK = 16 << 20  # file uploads larger than this go up in PATCHes of this size
+MIN_TRANSFER_RATE = 1 << 20  # bytes/s that long transfers are given time for, beyond the deadline
 
 
 @dataclass(frozen=True)
@@ -411,6 +418,153 @@ class RegistryClient:
             attempts=1,
         )
 
+    # --- whole blobs as files (the converter) ----------------------------------------------------------
+
+    async def download_blob(self, ref: Reference, digest: str, dest: Path, *, size: int | None = None) -> int:
+        """Stream a whole blob into the file `dest` (created or truncated), verified against its digest;
+        returns its size. Memory stays at one buffer whatever the blob's size. A body cut off mid-way is
+        fetched again from the start (the usual bounded retries); the deadline grows with `size`."""
+        what = f"blob {digest} of {ref.name}"
+
+        async def handle(resp: httpx.Response) -> int:
+            self._expect(resp, (200,), what)
+            hasher = hashlib.sha256()
+            received = 0
+            buf = bytearray()
+            async with await trio.open_file(dest, "wb") as f:
+                async for chunk in resp.aiter_raw():
+                    hasher.update(chunk)
+                    received += len(chunk)
+                    if size is not None and received > size:
+                        raise ProtocolViolation(f"{what}: larger than the {size} bytes its descriptor says")
+                    buf += chunk
+                    if len(buf) >= FILE_BUFFER:
+                        await f.write(bytes(buf))
+                        buf.clear()
+                await f.write(bytes(buf))
+            expected = resp.headers.get("content-length")
+            if expected is not None and expected.isdigit() and int(expected) != received:
+                raise ProtocolViolation(f"{what}: body of {received} bytes, Content-Length said {expected}")
+            actual = "sha256:" + hasher.hexdigest()
+            if actual != digest:
+                raise DigestMismatch(f"{what}: content has digest {actual}")
+            return received
+
+        return await self._operation(
+            self._blob_request(ref, digest, {}, handle), self._transfer_deadline(size)
+        )
+
+    async def upload_blob_file(
+        self, ref: Reference, path: Path, *, digest: str | None = None, mount_from: str | None = None
+    ) -> str:
+        """Upload the blob in file `path` unless the repository has it or can mount it from `mount_from`
+        (a repository of the same registry); returns its digest. A file larger than the upload chunk
+        (`Options.upload_chunk`, else 16 MiB) goes up as PATCHes of that size read one at a time, so
+        memory stays bounded; a failed upload starts over (bounded attempts)."""
+        size = (await trio.Path(path).stat()).st_size
+        if digest is None:
+            digest = await trio.to_thread.run_sync(_file_sha256, path)
+        if await self.blob_exists(ref, digest):
+            return digest
+        scopes = ("pull,push",) if not mount_from else ("pull,push", f"repository:{mount_from}:pull")
+        for attempt in range(1, self.options.max_attempts + 1):
+            try:
+                await self._upload_file(ref, path, size, digest, mount_from, scopes)
+                return digest
+            except Unavailable:
+                if attempt == self.options.max_attempts:
+                    raise
+                await trio.sleep(self._delay(attempt, None))
+        raise AssertionError("unreachable")
+
+    async def _upload_file(
+        self, ref: Reference, path: Path, size: int, digest: str, mount_from: str | None, scopes
+    ) -> None:
+        what = f"upload of {digest} to {ref.name}"
+        query = f"?mount={digest}&from={mount_from}" if mount_from else ""
+
+        async def start(resp: httpx.Response) -> tuple[int, str]:
+            self._expect(resp, (201, 202), what)
+            return resp.status_code, urljoin(str(resp.url), resp.headers.get("location", ""))
+
+        status, location = await self._operation(
+            self._call(
+                ref,
+                "POST",
+                "blobs",
+                "uploads/" + query,
+                "push",
+                start,
+                actions=scopes[0],
+                extra_scopes=scopes[1:],
+                attempts=1,
+            )
+        )
+        if status == 201:  # mounted from the other repository
+            return
+        chunk = self.options.upload_chunk or FILE_UPLOAD_CHUNK
+        body = b""
+        async with await trio.open_file(path, "rb") as f:
+            if size <= chunk:
+                body = await f.read()
+            else:
+                offset = 0
+                while part := await f.read(chunk):
+                    end = offset + len(part) - 1
+
+                    async def patched(resp: httpx.Response, offset=offset, end=end) -> str:
+                        self._expect(resp, (202,), f"{what} (bytes {offset}-{end})")
+                        return urljoin(str(resp.url), resp.headers.get("location", ""))
+
+                    location = await self._operation(
+                        self._call(
+                            ref,
+                            "PATCH",
+                            "",
+                            "",
+                            "push",
+                            patched,
+                            url=location,
+                            content=part,
+                            actions="pull,push",
+                            headers={
+                                "Content-Type": "application/octet-stream",
+                                "Content-Range": f"{offset}-{end}",
+                            },
+                            attempts=1,
+                        ),
+                        self._transfer_deadline(len(part)),
+                    )
+                    offset += len(part)
+
+        async def done(resp: httpx.Response) -> None:
+            self._expect(resp, (201,), what)
+            got = resp.headers.get("docker-content-digest")
+            if got and got != digest:
+                raise DigestMismatch(f"{what}: registry stored it as {got}")
+
+        sep = "&" if "?" in location else "?"
+        await self._operation(
+            self._call(
+                ref,
+                "PUT",
+                "",
+                "",
+                "push",
+                done,
+                url=f"{location}{sep}digest={digest}",
+                content=body,
+                headers={"Content-Type": "application/octet-stream"},
+                actions="pull,push",
+                attempts=1,
+            ),
+            self._transfer_deadline(len(body)),
+        )
+
+    def _transfer_deadline(self, size: int | None) -> float:
+        """The deadline of one operation moving `size` bytes: the usual one plus time at a slow rate."""
+        return self.options.deadline + (size or 0) / MIN_TRANSFER_RATE
+
     async def push_manifest(self, ref: Reference, body: bytes, media_type: str) -> str:
         """PUT a manifest or index under ref's tag (or digest); returns its digest."""
         digest = _sha256(body)
@@ -440,14 +594,13 @@ class RegistryClient:
 
     # --- the request core -----------------------------------------------------------------------
 
-    async def _operation(self, coro: Awaitable[T]) -> T:
+    async def _operation(self, coro: Awaitable[T], deadline: float | None = None) -> T:
+        deadline = deadline or self.options.deadline
         try:
-            with trio.fail_after(self.options.deadline):
+            with trio.fail_after(deadline):
                 return await coro
         except trio.TooSlowError:
-            raise Unavailable(
-                f"registry operation did not finish within {self.options.deadline:.0f}s"
-            ) from None
+            raise Unavailable(f"registry operation did not finish within {deadline:.0f}s") from None
 
     async def _call(
         self,
@@ -667,6 +820,11 @@ async def _read_prefix(resp: httpx.Response, n: int) -> bytes:
         if len(buf) >= n:
             break
     return bytes(buf[:n])
+
+
+def _file_sha256(path: Path) -> str:
+    with open(path, "rb") as f:
+        return "sha256:" + hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def _sha256(data: bytes) -> str:

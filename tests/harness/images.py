@@ -151,8 +151,10 @@ Entry = File | Dir | Symlink | Hardlink | CharDev | BlockDev | Fifo | Whiteout |
 
 
 def pseudo_random(n: int, seed: int) -> bytes:
-    """``n`` deterministic, incompressible bytes."""
-    return random.Random(seed).randbytes(n)
+    """``n`` deterministic, incompressible bytes (made in 64 MiB pieces: randbytes has a size limit)."""
+    rng = random.Random(seed)
+    piece = 64 << 20
+    return b"".join(rng.randbytes(min(piece, n - off)) for off in range(0, n, piece)) if n else b""
 
 
 def zero_runs(n: int, seed: int, *, gap: int = 1 << 20, island: int = 4096) -> bytes:
