@@ -4,6 +4,9 @@
 #   make proto        regenerate snapshotter/api from proto/*.proto (committed; a test checks it)
 #   make lint         ruff
 #   make bench-registry   range reads through lazysnap's registry client vs curl (about a minute)
+#   make bench-convert    lazysnap convert vs ctr-remote, same image (about 15 minutes)
+#   make bench-fuse       lazysnap mount vs native ext4 (about 3 minutes, root)
+#   make bench-index      index build time and memory for a 100,000-entry TOC
 SHELL := /bin/bash
 .DEFAULT_GOAL := test
 
@@ -14,7 +17,8 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 PYTEST := $(PY) -m pytest
 
-.PHONY: test unit integration e2e deps system-deps proto lint clean bench-registry
+.PHONY: test unit integration e2e deps system-deps proto lint clean bench-registry bench-convert bench-fuse \
+        bench-index
 
 test: deps
 	$(PYTEST) tests
@@ -51,6 +55,15 @@ $(STAMP): pyproject.toml
 
 bench-registry: deps
 	$(PY) -m bench.registry_ranges
+
+bench-convert: deps
+	$(PY) -m bench.convert
+
+bench-fuse: deps
+	$(PY) -m bench.fuse_read
+
+bench-index: deps
+	$(PY) -m bench.index_build
 
 proto: $(STAMP)
 	$(PY) proto/generate.py
