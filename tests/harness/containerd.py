@@ -17,6 +17,7 @@ import subprocess
 from collections.abc import Sequence
 from pathlib import Path
 
+from .cri import CriClient
 from .procs import Service, kill_pids, pids_with_cmdline, unmount_all
 
 RUN_DIR = Path("/run/containerd")
@@ -36,6 +37,7 @@ class Containerd:
         plugin_name: str = "lazysnap",
         cri: bool = False,
         cri_snapshotter: str | None = None,
+        hosts_dir: Path | None = None,
     ):
         self.workdir = workdir
         self.address = workdir / "containerd.sock"
@@ -43,6 +45,7 @@ class Containerd:
         self.plugin_name = plugin_name
         self.cri = cri
         self.cri_snapshotter = cri_snapshotter or plugin_name
+        self.hosts_dir = hosts_dir  # CRI's registry config_path (containerd's certs.d layout)
         self.namespace = f"lzs-{secrets.token_hex(4)}"
         self.config_path = workdir / "config.toml"
         self.service = Service(
@@ -80,6 +83,8 @@ class Containerd:
                 '  runtime_type = "io.containerd.runc.v2"',
                 '[plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc.options]',
                 f'  Root = "{w}/runc"',
+                '[plugins."io.containerd.grpc.v1.cri".registry]',
+                f'  config_path = "{self.hosts_dir or w / "certs.d"}"',
                 '[plugins."io.containerd.grpc.v1.cri".cni]',
                 f'  bin_dir = "{w}/cni/bin"',
                 f'  conf_dir = "{w}/cni/conf"',
@@ -102,6 +107,16 @@ class Containerd:
         return (
             subprocess.run(["ctr", "-a", str(self.address), "version"], capture_output=True).returncode == 0
         )
+
+    def plain_http(self, registry_host: str) -> None:
+        """Let CRI pulls reach a plain-HTTP registry (hosts.toml in the CRI registry config_path)."""
+        d = (self.hosts_dir or self.workdir / "certs.d") / registry_host
+        d.mkdir(parents=True, exist_ok=True)
+        (d / "hosts.toml").write_text(f'server = "http://{registry_host}"\n')
+
+    def cri_client(self) -> CriClient:
+        """A CRI client on this containerd's socket (CRI must be enabled: cri=True)."""
+        return CriClient(str(self.address))
 
     # --- clients -------------------------------------------------------------------------------
 

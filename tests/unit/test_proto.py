@@ -8,9 +8,6 @@ gzipped): package, service, method, message and enum names, field numbers, types
 from __future__ import annotations
 
 import filecmp
-import re
-import shutil
-import zlib
 from pathlib import Path
 
 import pytest
@@ -19,26 +16,9 @@ from google.protobuf import descriptor_pb2
 from proto.generate import generate
 from snapshotter.api.containerd.services.snapshots.v1 import snapshots_pb2
 from snapshotter.api.containerd.types import mount_pb2
+from tests.harness.godescriptors import CONTAINERD, descriptors_in_binary
 
 REPO = Path(__file__).resolve().parents[2]
-CONTAINERD = shutil.which("containerd") or "/usr/bin/containerd"
-GZIP_MEMBER = re.compile(
-    rb"\x1f\x8b\x08\x00\x00\x00\x00\x00\x02\xff"
-)  # Go's gzip header, as protoc-gen-gogo writes
-
-
-def descriptors_in_binary(path: str) -> dict[str, descriptor_pb2.FileDescriptorProto]:
-    data = Path(path).read_bytes()
-    found = {}
-    for m in GZIP_MEMBER.finditer(data):
-        try:
-            raw = zlib.decompressobj(wbits=31).decompress(data[m.start() : m.start() + (1 << 20)])
-            fd = descriptor_pb2.FileDescriptorProto.FromString(raw)
-        except Exception:  # most matches are other gzip data or not a descriptor
-            continue
-        if fd.name.endswith(".proto"):
-            found[fd.name] = fd
-    return found
 
 
 @pytest.fixture(scope="module")
