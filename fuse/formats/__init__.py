@@ -5,7 +5,7 @@ byte verified; `LayerIndex` is the compact index the filesystem serves from."""
 from .errors import FormatError, NotLazy, Unverified
 from .footer import ESTARGZ, ESTARGZ_ZSTD, ZSTD_CHUNKED, Footer, parse_footer
 from .index import Chunk, LayerIndex, Limits, Stat, build_index
-from .reader import Layer, TocInfo, decode_chunk, merge_spans, open_layer
+from .reader import Layer, TocInfo, decode_chunk, fetch_toc, layer_from_toc, merge_spans, open_layer
 from .source import BlobSource, BytesSource, FileSource, RegistrySource
 
 __all__ = [
@@ -28,6 +28,8 @@ __all__ = [
     "Unverified",
     "build_index",
     "decode_chunk",
+    "fetch_toc",
+    "layer_from_toc",
     "merge_spans",
     "open_layer",
     "parse_footer",

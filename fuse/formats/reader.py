@@ -162,14 +162,24 @@ async def open_layer(
     limits: Limits = DEFAULT_LIMITS,
 ) -> Layer:
     """Open a layer: footer, TOC (verified), index. Raises NotLazy for ordinary layers."""
-    what = source.description
     if expected_toc_digest is None and not allow_unverified:
-        raise Unverified(f"{what}: no expected TOC digest given; refusing an unverifiable TOC")
+        raise Unverified(f"{source.description}: no expected TOC digest given; refusing an unverifiable TOC")
+    tail, raw = await fetch_toc(source)
+    return await layer_from_toc(
+        source, tail, raw, expected_toc_digest, allow_unverified=allow_unverified, limits=limits
+    )
+
+
+async def fetch_toc(source: BlobSource) -> tuple[bytes, bytes]:
+    """(footer bytes, stored TOC bytes) of a layer, in one or two reads. A caller may keep both to
+    open the layer again later without the network (`layer_from_toc`)."""
+    what = source.description
     tail_len = min(source.size, TAIL_READ)
     tail = await source.read(source.size - tail_len, tail_len)
     if len(tail) != tail_len:
         raise FormatError(f"{what}: short read of the blob's last {tail_len} bytes")
-    footer = parse_footer(tail[-TAIL_NEEDED:] if tail_len >= TAIL_NEEDED else tail, source.size, what)
+    footer_bytes = tail[-TAIL_NEEDED:] if tail_len >= TAIL_NEEDED else tail
+    footer = parse_footer(footer_bytes, source.size, what)
     if footer.toc_length > MAX_TOC_SIZE:
         raise FormatError(
             f"{what}: TOC of {footer.toc_length} bytes is larger than the limit of {MAX_TOC_SIZE}"
@@ -181,6 +191,26 @@ async def open_layer(
         raw = await source.read(footer.toc_offset, footer.toc_length)
     if len(raw) != footer.toc_length:
         raise FormatError(f"{what}: short read of the TOC")
+    return footer_bytes, raw
+
+
+async def layer_from_toc(
+    source: BlobSource,
+    footer_bytes: bytes,
+    raw: bytes,
+    expected_toc_digest: str | None,
+    *,
+    allow_unverified: bool = False,
+    limits: Limits = DEFAULT_LIMITS,
+) -> Layer:
+    """The layer from its footer and stored TOC (verified and indexed in a worker thread)."""
+    if expected_toc_digest is None and not allow_unverified:
+        raise Unverified(f"{source.description}: no expected TOC digest given; refusing an unverifiable TOC")
+    footer = parse_footer(footer_bytes, source.size, source.description)
+    if len(raw) != footer.toc_length:
+        raise FormatError(
+            f"{source.description}: stored TOC is {len(raw)} bytes, the footer says {footer.toc_length}"
+        )
     return await trio.to_thread.run_sync(
         _finish_open, source, footer, raw, expected_toc_digest, allow_unverified, limits
     )
