@@ -15,6 +15,7 @@ from tests.harness.auth import TestPKI, TokenIssuer
 from tests.harness.containerd import Containerd
 from tests.harness.procs import mounts_under, pids_with_cmdline, running_services, unmount_all
 from tests.harness.registry import Registry
+from tests.harness.snapshotter import Lazysnap, Mounts
 
 TMP_PREFIX = "lzs-test-"
 _workdirs: list[Path] = []  # every temp dir this test process made
@@ -96,6 +97,43 @@ def containerd_factory(workdir: Path) -> Iterator[Callable[..., Containerd]]:
 @pytest.fixture
 def containerd(containerd_factory: Callable[..., Containerd]) -> Containerd:
     return containerd_factory()
+
+
+@pytest.fixture
+def snapshotter_factory(workdir: Path) -> Iterator[Callable[..., Lazysnap]]:
+    """make(**Lazysnap kwargs) -> a started `lazysnap serve`; all are stopped after the test."""
+    started: list[Lazysnap] = []
+
+    def make(**kw) -> Lazysnap:
+        kw.setdefault("name", f"lazysnap{len(started)}" if started else "lazysnap")
+        snap = Lazysnap(workdir, **kw)
+        started.append(snap)
+        return snap.start()
+
+    yield make
+    for snap in started:
+        snap.stop()
+
+
+@pytest.fixture
+def snapshotter(snapshotter_factory: Callable[..., Lazysnap]) -> Lazysnap:
+    """`lazysnap serve` on <workdir>/lazysnap.sock with its state root in <workdir>/lazysnap."""
+    return snapshotter_factory()
+
+
+@pytest.fixture
+def lazysnap_containerd(snapshotter: Lazysnap, containerd_factory: Callable[..., Containerd]) -> Containerd:
+    """containerd whose proxy plugin `lazysnap` dials the `snapshotter` fixture (started first)."""
+    return containerd_factory(snapshotter_socket=snapshotter.address)
+
+
+@pytest.fixture
+def mounter(workdir: Path) -> Iterator[Mounts]:
+    """Mounts snapshots for the test (`mounter.mount(mounts, target)`); unmounts them afterwards."""
+    _needs_root("mounting snapshots")
+    tracker = Mounts(workdir)
+    yield tracker
+    tracker.unmount_all()
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -1,0 +1,289 @@
+"""`lazysnap serve`: checks the host, opens the state root, serves gRPC on a unix socket until SIGINT or
+SIGTERM, then stops gracefully (no new RPCs, in-flight ones finish, exit 0).
+
+Start-up fails with a message saying what to fix when overlayfs is missing or refuses the state root's
+filesystem as upper layer, the state root is not a writable directory (or is a non-empty directory that
+is not a lazysnap root), another lazysnap uses the root, or the socket belongs to a live server; a stale
+socket file (nobody listening) is replaced. A missing /dev/fuse is only a warning until lazy layers
+arrive. Orphaned snapshot directories left by a crash are removed before the socket opens.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import fcntl
+import logging
+import os
+import signal
+import socket
+import stat
+import sys
+import tempfile
+import threading
+from concurrent import futures
+from pathlib import Path
+
+import grpc
+
+from snapshotter import __version__
+from snapshotter.api.containerd.services.snapshots.v1 import snapshots_pb2_grpc
+
+from . import failpoints, logs
+from .config import Config
+from .errors import StartupError
+from .layout import remove_tree
+from .service import SnapshotsService
+from .snapshots import Snapshotter
+
+log = logging.getLogger("lazysnap.daemon")
+_libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+MNT_DETACH = 2
+
+WORKERS = 16  # gRPC handler threads: containerd unpacks several layers at once, CRI polls Stat/Usage
+SHUTDOWN_GRACE = 8.0  # seconds in-flight RPCs get to finish after SIGTERM
+MAX_MESSAGE = 16 << 20
+
+
+def check_kernel(filesystems: Path = Path("/proc/filesystems"), fuse: Path = Path("/dev/fuse")) -> None:
+    try:
+        names = {line.split()[-1] for line in filesystems.read_text().splitlines() if line.strip()}
+    except OSError as e:
+        raise StartupError(f"cannot read {filesystems} to check for overlayfs: {e.strerror}") from None
+    if "overlay" not in names:
+        raise StartupError(
+            f"overlayfs is not available: 'overlay' is missing from {filesystems}; "
+            "load it with `modprobe overlay` (lazysnap mounts every snapshot with it)"
+        )
+    if not fuse.exists():
+        log.warning(
+            "%s is missing: lazily loaded layers will need FUSE (`modprobe fuse`); "
+            "ordinary snapshots work without it",
+            fuse,
+        )
+
+
+#: What a state root may hold before lazysnap first uses it (a dedicated filesystem's lost+found).
+OWN_ENTRIES = {"lost+found", "metadata.db", "metadata.db-wal", "metadata.db-shm", "snapshots", "lock"}
+OVERLAY_CHECK_PREFIX = ".overlay-check-"
+
+
+def prepare_root(root: Path) -> None:
+    """Create the state root (0700) or check an existing one; fail if it cannot be written."""
+    try:
+        root.mkdir(mode=0o700, parents=True, exist_ok=True)
+    except FileExistsError:
+        raise StartupError(f"state root {root} is not a directory; choose another --root") from None
+    except OSError as e:
+        raise StartupError(f"cannot create state root {root}: {e.strerror}; choose another --root") from None
+    if not root.is_dir():
+        raise StartupError(f"state root {root} is not a directory; choose another --root")
+    foreign = sorted(set(os.listdir(root)) - OWN_ENTRIES)
+    if foreign and not (root / "metadata.db").exists():
+        shown = ", ".join(foreign[:5]) + (" ..." if len(foreign) > 5 else "")
+        raise StartupError(
+            f"state root {root} is not empty ({shown}) and holds no lazysnap state; "
+            "choose a new or empty directory (lazysnap makes it private, mode 0700)"
+        )
+    try:
+        fd, probe = tempfile.mkstemp(dir=root, prefix=".write-test-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise StartupError(
+            f"state root {root} is not writable ({e.strerror}); fix its permissions or mount, "
+            "or choose another --root"
+        ) from None
+    mode = stat.S_IMODE(root.stat().st_mode)
+    if mode != 0o700:
+        log.info("setting state root %s to mode 0700 (was %04o)", root, mode)
+        os.chmod(root, 0o700)
+
+
+def check_overlay_on(root: Path, index_off: bool) -> None:
+    """Mount a tiny overlay with its upper dir in the state root, as containerd's overlayfs snapshotter
+    checks at start: a root on a filesystem overlayfs rejects as upper layer fails here, clearly, and
+    not later in every container start. Skipped (with a warning) when not running as root."""
+    for stale in root.glob(OVERLAY_CHECK_PREFIX + "*"):  # left by a crash during this check
+        _libc.umount2(os.fsencode(stale / "merged"), MNT_DETACH)
+        remove_tree(stale)
+    if os.geteuid() != 0:
+        log.warning(
+            "not running as root: skipping the overlayfs check of %s; containerd mounts as root", root
+        )
+        return
+    with tempfile.TemporaryDirectory(prefix=OVERLAY_CHECK_PREFIX, dir=root) as tmp:
+        d = Path(tmp)
+        for name in ("lower", "upper", "work", "merged"):
+            (d / name).mkdir()
+        options = f"lowerdir={d}/lower,upperdir={d}/upper,workdir={d}/work"
+        if index_off:
+            options = "index=off," + options
+        merged = os.fsencode(d / "merged")
+        if _libc.mount(b"overlay", merged, b"overlay", 0, options.encode()) != 0:
+            err = ctypes.get_errno()
+            raise StartupError(
+                f"overlayfs cannot use state root {root} for its upper directories ({os.strerror(err)}); "
+                "put the root on ext4, xfs (ftype=1) or btrfs, not on overlayfs, tmpfs without xattrs "
+                "or a network filesystem"
+            )
+        _libc.umount2(merged, 0)
+
+
+def lock_root(root: Path) -> int:
+    """Hold an exclusive lock on ``<root>/lock`` for the life of the process (one daemon per root)."""
+    path = root / "lock"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        raise StartupError(
+            f"state root {root} is in use by another lazysnap (pid {holder}); "
+            "stop it or choose another --root"
+        ) from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
+
+
+def prepare_socket(address: Path) -> None:
+    """Create the socket's directory; remove a stale socket file; refuse a live one."""
+    parent = address.parent
+    if not parent.is_dir():
+        try:
+            parent.mkdir(mode=0o700, parents=True)
+        except OSError as e:
+            raise StartupError(f"cannot create the socket directory {parent}: {e.strerror}") from None
+    try:
+        st = address.lstat()
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(st.st_mode):
+        raise StartupError(f"{address} exists and is not a socket; remove it or choose another --address")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(2)
+        try:
+            s.connect(str(address))
+        except OSError as e:
+            if e.errno not in (errno.ECONNREFUSED, errno.ENOENT):
+                raise StartupError(f"cannot check whether {address} is in use: {e.strerror}") from None
+        else:
+            raise StartupError(
+                f"socket {address} is in use by a live server; stop it or choose another --address"
+            )
+    log.info("replacing stale socket %s (nothing listens on it)", address)
+    address.unlink()
+
+
+class Daemon:
+    def __init__(self, config: Config):
+        self.config = config
+        self.root = Path(config.root)
+        self.address = Path(config.address)
+        self.snapshotter: Snapshotter | None = None
+        self.server: grpc.Server | None = None
+        self._lock_fd: int | None = None
+        self._socket_ino: int | None = None
+        self.stopping = threading.Event()
+
+    def start(self) -> None:
+        check_kernel()
+        prepare_root(self.root)
+        self._lock_fd = lock_root(self.root)
+        self.snapshotter = Snapshotter(self.root)
+        check_overlay_on(self.root, self.snapshotter.index_off)
+        removed = self.snapshotter.cleanup()
+        if removed:
+            log.info(
+                "removed %d orphaned snapshot directories left by an interrupted run",
+                len(removed),
+                extra={"fields": {"dirs": ",".join(p.name for p in removed)}},
+            )
+        missing = self.snapshotter.check()
+        if missing:
+            log.warning(
+                "%d snapshots have no directory (removed by hand?): %s; containerd will fail to mount them",
+                len(missing),
+                ",".join(map(str, missing)),
+            )
+        prepare_socket(self.address)
+        server = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=WORKERS, thread_name_prefix="rpc"),
+            options=[
+                ("grpc.max_receive_message_length", MAX_MESSAGE),
+                ("grpc.max_send_message_length", MAX_MESSAGE),
+            ],
+        )
+        snapshots_pb2_grpc.add_SnapshotsServicer_to_server(SnapshotsService(self.snapshotter), server)
+        old_umask = os.umask(0o177)  # the socket is born 0600
+        try:
+            server.add_insecure_port(f"unix:{self.address}")
+        except RuntimeError as e:
+            raise StartupError(f"cannot listen on {self.address}: {e}") from None
+        finally:
+            os.umask(old_umask)
+        os.chmod(self.address, 0o600)
+        self._socket_ino = self.address.stat().st_ino
+        server.start()
+        self.server = server
+        log.info(
+            "serving",
+            extra={
+                "fields": {
+                    "version": __version__,
+                    "address": str(self.address),
+                    "root": str(self.root),
+                    "snapshots": self.snapshotter.store.count(),
+                    "index_off": self.snapshotter.index_off,
+                    "pid": os.getpid(),
+                }
+            },
+        )
+
+    def stop(self) -> None:
+        """Stop accepting RPCs, let in-flight ones finish (up to SHUTDOWN_GRACE), release everything."""
+        if self.server is not None:
+            self.server.stop(SHUTDOWN_GRACE).wait()
+        if self.snapshotter is not None:
+            self.snapshotter.close()
+        try:
+            if self._socket_ino is not None and self.address.stat().st_ino == self._socket_ino:
+                self.address.unlink()
+        except FileNotFoundError:
+            pass
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+        if self.server is not None:
+            log.info("stopped")
+
+
+def serve(config: Config) -> int:
+    """Run the daemon until SIGINT/SIGTERM; 0 after a clean stop, 1 if it could not start."""
+    logs.setup(config.log_level)
+    os.umask(0o077)  # the database and anything else lazysnap writes is for root alone
+    failpoints.load_from_environment()
+    daemon = Daemon(config)
+
+    def on_signal(signum: int, _frame: object) -> None:
+        if daemon.stopping.is_set():
+            log.info("%s received again: already stopping", signal.Signals(signum).name)
+            return
+        log.info("%s received: stopping", signal.Signals(signum).name)
+        daemon.stopping.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    try:
+        daemon.start()
+    except (StartupError, OSError) as e:
+        print(f"lazysnap serve: cannot start: {e}", file=sys.stderr)
+        daemon.stop()
+        return 1
+    while not daemon.stopping.wait(1.0):
+        pass
+    daemon.stop()
+    return 0

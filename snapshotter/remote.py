@@ -1,0 +1,294 @@
+"""Remote layers: which Prepare calls are lazy pulls, and the layers that serve them from the FUSE mount.
+
+containerd asks for a lazy pull by labelling the Prepare of each layer (shared/reference/
+containerd-protocol.md): `ctr-remote rpull` with `containerd.io/snapshot/remote/stargz.*`, CRI with
+`containerd.io/snapshot/cri.*`, both with the target name in `containerd.io/snapshot.ref` and, when the
+manifest has it, the TOC digest in `containerd.io/snapshot/stargz/toc.digest`. `remote_request` reads
+those labels; `RemoteLayers.acquire` opens the layer (the image manifest gives the blob size and, for
+zstd:chunked, the TOC digest the labels lack), verifies its TOC, stores footer and TOC under
+`<root>/layers/<name>/` (so a restart needs no network), and shows it in the FUSE mount as
+`<root>/mnt/<name>`. Layers are reference counted by the snapshots that use them. Anything that makes a
+layer not lazily loadable (an ordinary layer, a TOC that does not verify, a registry that does not answer
+in time) is a `Fallback` with its reason: containerd then pulls the layer in full.
+
+Runs on the daemon's trio loop; gRPC threads call it through `trio.from_thread.run`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import trio
+
+from fuse.fetch import Fetcher, LayerHandle
+from fuse.formats import FormatError, NotLazy, RegistrySource, Unverified, fetch_toc, layer_from_toc
+from fuse.formats.annotations import expected_toc_digest
+from fuse.fs import LazyFS
+from fuse.registry import Reference, RegistryClient, RegistryError
+from fuse.registry import manifests as mf
+
+log = logging.getLogger("lazysnap.remote")
+
+TARGET = "containerd.io/snapshot.ref"
+TOC_DIGEST = "containerd.io/snapshot/stargz/toc.digest"
+STARGZ_REFERENCE = "containerd.io/snapshot/remote/stargz.reference"
+STARGZ_DIGEST = "containerd.io/snapshot/remote/stargz.digest"
+CRI_REFERENCE = "containerd.io/snapshot/cri.image-ref"
+CRI_DIGEST = "containerd.io/snapshot/cri.layer-digest"
+CRI_MANIFEST = "containerd.io/snapshot/cri.manifest-digest"
+
+
+class Fallback(Exception):
+    """The layer is not lazily loadable: containerd must pull it in full. `kind` is for metrics."""
+
+    def __init__(self, kind: str, reason: str):
+        super().__init__(reason)
+        self.kind, self.reason = kind, reason
+
+
+@dataclass(frozen=True)
+class RemoteRequest:
+    target: str  # the committed snapshot's name containerd waits for
+    ref: Reference
+    digest: str  # layer blob digest
+    toc_digest: str | None
+    manifest_digest: str | None
+
+
+def remote_request(labels: dict[str, str]) -> RemoteRequest | None:
+    """The lazy pull a Prepare's labels ask for, or None for an ordinary Prepare."""
+    target = labels.get(TARGET)
+    ref = labels.get(STARGZ_REFERENCE) or labels.get(CRI_REFERENCE)
+    digest = labels.get(STARGZ_DIGEST) or labels.get(CRI_DIGEST)
+    if not (target and ref and digest):
+        return None
+    try:
+        reference = Reference.parse(ref)
+    except ValueError:
+        return None
+    return RemoteRequest(target, reference, digest, labels.get(TOC_DIGEST), labels.get(CRI_MANIFEST))
+
+
+def layer_name(digest: str) -> str:
+    """The layer's directory name in the FUSE mount and under layers/: "sha256-<hex>"."""
+    return digest.replace(":", "-")
+
+
+@dataclass
+class _Entry:
+    name: str
+    slot: int
+    handle: LayerHandle
+    refs: int = 0
+
+
+class RemoteLayers:
+    def __init__(
+        self,
+        root: Path,
+        mountpoint: Path,
+        fs: LazyFS,
+        fetcher: Fetcher,
+        client: RegistryClient,
+        *,
+        open_timeout: float = 30.0,
+        background: bool = True,
+    ):
+        self.dir = root / "layers"
+        self.mountpoint = mountpoint
+        self.fs, self.fetcher, self.client = fs, fetcher, client
+        self.open_timeout = open_timeout
+        self.background = background
+        self._layers: dict[str, _Entry] = {}
+        self._opening: dict[str, trio.Event] = {}
+        self._manifests: dict[str, dict] = {}
+        self.fallbacks: Counter[str] = Counter()
+        self._nursery: trio.Nursery | None = None
+        self._max_slot = 0
+
+    def path(self, name: str) -> str:
+        return str(self.mountpoint / name)
+
+    async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """The nursery that prefetch and background fetches run in."""
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            task_status.started()
+            await trio.sleep_forever()
+
+    # --- start: layers of existing snapshots, from local state only ------------------------------
+
+    async def restore(self, refs: dict[str, int]) -> list[str]:
+        """Mount every layer that snapshots use (name -> number of snapshots) from its stored TOC;
+        returns the names that could not be restored."""
+        self.dir.mkdir(mode=0o700, exist_ok=True)
+        failed = []
+        for name, count in sorted(refs.items()):
+            try:
+                meta = json.loads((self.dir / name / "meta.json").read_text())
+                footer = (self.dir / name / "footer").read_bytes()
+                toc = (self.dir / name / "toc").read_bytes()
+                ref = Reference.parse(meta["ref"])
+                source = RegistrySource(self.client, ref, meta["digest"], meta["size"])
+                layer = await layer_from_toc(source, footer, toc, meta["toc_digest"])
+            except (OSError, ValueError, KeyError, FormatError) as e:
+                log.error("cannot restore remote layer %s: %s", name, e)
+                failed.append(name)
+                continue
+            entry = self._mount(name, meta["slot"], layer, ref, count)
+            self._start_background(entry)
+        for stale in self.dir.iterdir() if self.dir.exists() else ():
+            if stale.name not in refs and stale.name not in self._layers:
+                _remove_dir(stale)  # no snapshot uses it any more (a crash between release and delete)
+        return failed
+
+    # --- lazy pulls ----------------------------------------------------------------------------
+
+    async def acquire(self, req: RemoteRequest) -> str:
+        """Mount the layer (or take one more reference to it); its name. Raises Fallback."""
+        name = layer_name(req.digest)
+        while name in self._opening:  # another Prepare opens the same layer: share its result
+            await self._opening[name].wait()
+        entry = self._layers.get(name)
+        if entry is None:
+            self._opening[name] = trio.Event()
+            try:
+                with trio.move_on_after(self.open_timeout) as scope:
+                    entry = await self._open(req, name)
+                if scope.cancelled_caught:
+                    raise Fallback(
+                        "timeout",
+                        f"{req.ref} layer {req.digest}: the registry did not answer "
+                        f"within {self.open_timeout:.0f}s",
+                    )
+            except Fallback as e:
+                self.fallbacks[e.kind] += 1
+                log.warning("full pull for %s layer %s: %s", req.ref, req.digest, e.reason)
+                raise
+            finally:
+                self._opening.pop(name).set()
+        entry.refs += 1
+        return name
+
+    def release(self, name: str) -> None:
+        """One snapshot fewer uses the layer; the last one unmounts it and deletes its stored TOC."""
+        entry = self._layers.get(name)
+        if entry is None:
+            return
+        entry.refs -= 1
+        if entry.refs <= 0:
+            del self._layers[name]
+            self.fs.release_layer(name)
+            _remove_dir(self.dir / name)
+
+    async def _open(self, req: RemoteRequest, name: str) -> _Entry:
+        what = f"{req.ref} layer {req.digest}"
+        try:
+            desc = await self._descriptor(req)
+            expected = req.toc_digest or expected_toc_digest(desc.get("annotations"))
+            if expected is None:
+                raise Fallback("not-lazy", f"{what}: no TOC digest (not an accelerated layer)")
+            source = RegistrySource(self.client, req.ref, req.digest, desc["size"])
+            footer, toc = await fetch_toc(source)
+            layer = await layer_from_toc(source, footer, toc, expected)
+        except NotLazy as e:
+            raise Fallback("not-lazy", e.reason) from None
+        except Unverified as e:
+            raise Fallback("unverified", str(e)) from None
+        except FormatError as e:
+            raise Fallback("format-error", str(e)) from None
+        except RegistryError as e:
+            raise Fallback("registry", f"{what}: {e}") from None
+        slot = self._next_slot()
+        await trio.to_thread.run_sync(self._store, name, req, desc["size"], expected, slot, footer, toc)
+        entry = self._mount(name, slot, layer, req.ref, 0)
+        self._start_background(entry)
+        log.info(
+            "mounted remote layer %s (%s, %d entries, slot %d)",
+            name,
+            layer.format,
+            layer.index.inode_count,
+            slot,
+        )
+        return entry
+
+    async def _descriptor(self, req: RemoteRequest) -> dict:
+        """The layer's descriptor in its image manifest (size, annotations), the manifest cached."""
+        key = f"{req.ref.name}@{req.manifest_digest}" if req.manifest_digest else str(req.ref)
+        manifest = self._manifests.get(key)
+        if manifest is None:
+            if req.manifest_digest:
+                body, kind, _ = await self.client.get_manifest(req.ref.with_digest(req.manifest_digest))
+                manifest, _ = mf.parse(body, kind, key)
+            else:
+                manifest = (await self.client.resolve(req.ref)).manifest
+            self._manifests[key] = manifest
+        for desc in manifest.get("layers", []):
+            if desc.get("digest") == req.digest:
+                return desc
+        raise Fallback("manifest", f"{req.ref}: layer {req.digest} is not in the image manifest")
+
+    def _store(
+        self, name: str, req: RemoteRequest, size: int, toc_digest: str, slot: int, footer: bytes, toc: bytes
+    ) -> None:
+        d = self.dir / name
+        d.mkdir(mode=0o700, parents=True, exist_ok=True)
+        meta = {
+            "ref": str(req.ref),
+            "digest": req.digest,
+            "size": size,
+            "toc_digest": toc_digest,
+            "slot": slot,
+        }
+        for fname, data in (("footer", footer), ("toc", toc), ("meta.json", json.dumps(meta).encode())):
+            tmp = d / f".{fname}.tmp"
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, d / fname)  # meta.json last: its presence means the rest is complete
+
+    def _mount(self, name: str, slot: int, layer, ref: Reference, refs: int) -> _Entry:
+        handle = LayerHandle(layer, name, f"{ref} layer {name}", ref.host)
+        self.fs.add_layer(name, slot, handle)
+        self._max_slot = max(self._max_slot, slot)
+        entry = _Entry(name, slot, handle, refs)
+        self._layers[name] = entry
+        return entry
+
+    def _start_background(self, entry: _Entry) -> None:
+        async def fetch() -> None:
+            try:
+                await self.fetcher.prefetch(entry.handle)
+                if self.background:
+                    await self.fetcher.background(entry.handle)
+            except Exception as e:  # the on-demand path reports and retries; background just stops
+                log.warning("background fetch of %s stopped: %s", entry.name, e)
+
+        if self._nursery is not None:
+            self._nursery.start_soon(fetch)
+
+    def _next_slot(self) -> int:
+        # Never reused while the process lives: the kernel may still cache inodes of a removed layer.
+        self._max_slot += 1
+        return self._max_slot
+
+    def stats(self) -> list[dict]:
+        return [
+            {"name": e.name, "refs": e.refs, "fetched": e.handle.fetched_fraction()}
+            for e in self._layers.values()
+        ]
+
+
+def _remove_dir(d: Path) -> None:
+    for child in d.iterdir() if d.exists() else ():
+        child.unlink(missing_ok=True)
+    try:
+        d.rmdir()
+    except OSError:
+        pass
