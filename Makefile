@@ -7,6 +7,7 @@
 #   make bench-convert    lazysnap convert vs ctr-remote, same image (about 15 minutes)
 #   make bench-fuse       lazysnap mount vs native ext4 (about 3 minutes, root)
 #   make bench-index      index build time and memory for a 100,000-entry TOC
+#   make bench-snapshotter  snapshots service RPC latency (1,000 snapshots, 50 callers), full pull vs overlayfs
 SHELL := /bin/bash
 .DEFAULT_GOAL := test
 
@@ -18,7 +19,7 @@ STAMP  := $(VENV)/.installed
 PYTEST := $(PY) -m pytest
 
 .PHONY: test unit integration e2e deps system-deps proto lint clean bench-registry bench-convert bench-fuse \
-        bench-index
+        bench-index bench-snapshotter
 
 test: deps
 	$(PYTEST) tests
@@ -64,6 +65,9 @@ bench-fuse: deps
 
 bench-index: deps
 	$(PY) -m bench.index_build
+
+bench-snapshotter: deps
+	$(PY) -m bench.snapshotter_rpc
 
 proto: $(STAMP)
 	$(PY) proto/generate.py

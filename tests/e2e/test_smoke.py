@@ -4,7 +4,6 @@ and the comparison catches an image that differs."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import subprocess
 from pathlib import Path
@@ -14,11 +13,10 @@ import pytest
 from tests.harness import images as im
 from tests.harness import trees
 from tests.harness.containerd import Containerd
+from tests.harness.containers import RUNTIME_PATHS, container_tree, image_chain_ids
 from tests.harness.registry import Registry
 
 BUSYBOX = Path("/bin/busybox").read_bytes()
-# Mount points and files the runtime puts into every container.
-RUNTIME_PATHS = ["proc", "sys", "dev", "etc/hosts", "etc/hostname", "etc/resolv.conf", "run"]
 
 
 def smoke_image(variant: str = "good") -> im.Image:
@@ -69,18 +67,6 @@ def smoke_image(variant: str = "good") -> im.Image:
     return im.Image([base, changes, top], cmd=["/bin/sh"])
 
 
-def container_tree(containerd: Containerd, ref: str) -> trees.Tree:
-    out = containerd.run(ref, "/bin/busybox", "sh", "-c", trees.LISTING_SCRIPT, "sh", "/").stdout
-    return trees.parse_listing(out)
-
-
-def chain_id(diff_ids: list[str]) -> str:
-    chain = diff_ids[0]
-    for d in diff_ids[1:]:
-        chain = "sha256:" + hashlib.sha256(f"{chain} {d}".encode()).hexdigest()
-    return chain
-
-
 @pytest.mark.parametrize(
     ("compression", "manifest_format"), [("gzip", "oci"), ("zstd", "oci"), ("none", "docker")]
 )
@@ -98,7 +84,7 @@ def test_container_sees_the_built_tree(
     trees.assert_same(expected, container_tree(containerd, ref), ignore=RUNTIME_PATHS)
 
     # The same rootfs seen from the host through a read-only view: xattrs included this time.
-    top = chain_id([layer.diff_id for layer in image.layers])
+    top = image_chain_ids(image)[-1]
     view = workdir / "view"
     view.mkdir()
     mounts = json.loads(containerd.ctr("snapshots", "view", "--mounts", "smoke-view", top).stdout)
