@@ -64,6 +64,7 @@ class Counters:
     timeouts: int = 0
     errors: int = 0
     latency: list[int] = field(default_factory=lambda: [0] * len(LATENCY_BUCKETS))  # fetch latency histogram
+    latency_sum: float = 0.0
 
     def add_bytes(self, kind: str, n: int) -> None:
         if kind == "demand":
@@ -74,6 +75,7 @@ class Counters:
             self.bytes_background += n
 
     def observe(self, seconds: float) -> None:
+        self.latency_sum += seconds
         for i, bound in enumerate(LATENCY_BUCKETS):
             if seconds <= bound:
                 self.latency[i] += 1

@@ -25,7 +25,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="run the snapshotter: containerd's proxy plugin dials its socket",
         description="Serve containerd's snapshots API on a unix socket until SIGINT or SIGTERM.",
     )
-    serve.add_argument("--config", type=Path, metavar="FILE", help="TOML file with root, address, log_level")
+    serve.add_argument(
+        "--config",
+        type=Path,
+        metavar="FILE",
+        help="TOML file (default /etc/lazysnap/config.toml when it exists)",
+    )
     serve.add_argument("--root", metavar="DIR", help="state root (default /var/lib/lazysnap)")
     serve.add_argument("--address", metavar="SOCKET", help="socket (default /run/lazysnap/lazysnap.sock)")
     serve.add_argument("--log-level", choices=["debug", "info", "warning", "error"], help="default info")
@@ -60,11 +65,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from .config import Config, ConfigError, load
+    from .config import DEFAULT_CONFIG, Config, ConfigError, load
     from .daemon import serve
 
     try:
-        config = load(args.config) if args.config else Config()
+        if args.config:
+            config = load(args.config)
+        else:
+            config = load(DEFAULT_CONFIG) if DEFAULT_CONFIG.exists() else Config()
         config = config.with_overrides(root=args.root, address=args.address, log_level=args.log_level)
     except ConfigError as e:
         print(f"lazysnap serve: {e}", file=sys.stderr)

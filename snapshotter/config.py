@@ -1,8 +1,23 @@
-"""`lazysnap serve` configuration: a TOML file, overridden by command-line flags.
+"""`lazysnap serve` configuration: one TOML file (default /etc/lazysnap/config.toml), overridden by
+command-line flags. Every key is optional; the defaults:
 
-    root = "/var/lib/lazysnap"               # state root (0700): metadata.db, snapshots/
-    address = "/run/lazysnap/lazysnap.sock"  # the gRPC unix socket containerd's proxy plugin dials
-    log_level = "info"                       # debug | info | warning | error
+    root = "/var/lib/lazysnap"                # state root (0700): metadata.db, snapshots/, layers/, mnt/
+    address = "/run/lazysnap/lazysnap.sock"   # the gRPC unix socket containerd's proxy plugin dials
+    log_level = "info"                        # debug | info | warning | error
+    log_format = "logfmt"                     # logfmt | json
+    cache_dir = ""                            # chunk cache; "" = <root>/cache
+    cache_limit = "20GiB"                     # least recently used chunks go first beyond this
+    hosts_dir = "/etc/containerd/certs.d"     # registry mirrors, CAs, plain HTTP: containerd's layout
+    docker_config = ""                        # credentials; "" = $DOCKER_CONFIG or ~/.docker/config.json
+    fetch_concurrency = 8                     # concurrent range requests per registry host
+    read_timeout = 30.0                       # seconds before a lazy read fails with EIO
+    open_timeout = 30.0                       # seconds to open a layer (TOC) before a full pull instead
+    merge_cap = "1MiB"                        # one on-demand request also fetches neighbours up to this
+    read_ahead = "8MiB"                       # a file read sequentially: fetch this much ahead
+    prefetch = true                           # fetch the prioritized region of each layer at mount
+    background = true                         # then fetch the rest of each layer in the background
+    background_rate = "0"                     # bytes/s for the background fetch; "0" = unlimited
+    metrics_address = ""                      # host:port for Prometheus /metrics (loopback); "" = off
 
 An unknown key, a wrong type or a bad value stops the start with the file, line and key at fault.
 """
@@ -11,18 +26,49 @@ from __future__ import annotations
 
 import re
 import tomllib
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
-from .logs import LEVELS
+from .logs import FORMATS, LEVELS
 
 DEFAULT_ROOT = "/var/lib/lazysnap"
 DEFAULT_ADDRESS = "/run/lazysnap/lazysnap.sock"
+DEFAULT_CONFIG = Path("/etc/lazysnap/config.toml")
 MAX_SOCKET_PATH = 107  # sun_path is 108 bytes with the terminating NUL
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B?)?\s*$", re.IGNORECASE)
+_UNITS = {
+    "": 1,
+    "B": 1,
+    "K": 1000,
+    "KB": 1000,
+    "KIB": 1 << 10,
+    "M": 1000**2,
+    "MB": 1000**2,
+    "MIB": 1 << 20,
+    "G": 1000**3,
+    "GB": 1000**3,
+    "GIB": 1 << 30,
+    "T": 1000**4,
+    "TB": 1000**4,
+    "TIB": 1 << 40,
+}
+SIZE_KEYS = {"cache_limit", "merge_cap", "read_ahead", "background_rate"}
 
 
 class ConfigError(ValueError):
     """A bad configuration file or value; the message names the file, line and key."""
+
+
+def parse_size(value: str | int, key: str = "size") -> int:
+    """'20GiB', '512M', '1048576' or an integer -> bytes."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        if value < 0:
+            raise ConfigError(f"{key} must not be negative")
+        return value
+    m = _SIZE.match(str(value))
+    if not m or m[2] is not None and m[2].upper() not in _UNITS:
+        raise ConfigError(f"{key} must be a size such as 512MiB or 20GiB, not {value!r}")
+    return int(float(m[1]) * _UNITS[(m[2] or "").upper()])
 
 
 @dataclass(frozen=True)
@@ -30,6 +76,20 @@ class Config:
     root: str = DEFAULT_ROOT
     address: str = DEFAULT_ADDRESS
     log_level: str = "info"
+    log_format: str = "logfmt"
+    cache_dir: str = ""
+    cache_limit: str = "20GiB"
+    hosts_dir: str = "/etc/containerd/certs.d"
+    docker_config: str = ""
+    fetch_concurrency: int = 8
+    read_timeout: float = 30.0
+    open_timeout: float = 30.0
+    merge_cap: str = "1MiB"
+    read_ahead: str = "8MiB"
+    prefetch: bool = True
+    background: bool = True
+    background_rate: str = "0"
+    metrics_address: str = ""
 
     def with_overrides(self, **values: str | None) -> Config:
         """This config with the values given (not None) replaced, then validated."""
@@ -37,11 +97,22 @@ class Config:
         cfg.validate("command line")
         return cfg
 
+    @property
+    def cache_path(self) -> Path:
+        return Path(self.cache_dir) if self.cache_dir else Path(self.root) / "cache"
+
+    def size(self, key: str) -> int:
+        return parse_size(getattr(self, key), key)
+
     def validate(self, where: str = "configuration") -> None:
         for name in ("root", "address"):
             value = getattr(self, name)
             if not value.startswith("/"):
                 raise ConfigError(f"{where}: {name} must be an absolute path, not {value!r}")
+        for name in ("cache_dir", "hosts_dir", "docker_config"):
+            value = getattr(self, name)
+            if value and not value.startswith("/"):
+                raise ConfigError(f"{where}: {name} must be an absolute path (or empty), not {value!r}")
         if len(self.address.encode()) > MAX_SOCKET_PATH:
             raise ConfigError(
                 f"{where}: address {self.address!r} is {len(self.address.encode())} bytes, over the "
@@ -51,6 +122,24 @@ class Config:
             raise ConfigError(
                 f"{where}: log_level must be one of {', '.join(LEVELS)}, not {self.log_level!r}"
             )
+        if self.log_format not in FORMATS:
+            raise ConfigError(
+                f"{where}: log_format must be one of {', '.join(FORMATS)}, not {self.log_format!r}"
+            )
+        for key in SIZE_KEYS:
+            try:
+                self.size(key)
+            except ConfigError as e:
+                raise ConfigError(f"{where}: {e}") from None
+        if self.fetch_concurrency < 1:
+            raise ConfigError(f"{where}: fetch_concurrency must be at least 1")
+        for key in ("read_timeout", "open_timeout"):
+            if getattr(self, key) <= 0:
+                raise ConfigError(f"{where}: {key} must be a positive number of seconds")
+        if self.metrics_address:
+            host, sep, port = self.metrics_address.rpartition(":")
+            if not sep or not port.isdigit() or not host:
+                raise ConfigError(f"{where}: metrics_address must be host:port, not {self.metrics_address!r}")
 
 
 def _line_of(text: str, key: str) -> int | None:
@@ -59,6 +148,14 @@ def _line_of(text: str, key: str) -> int | None:
         if pattern.match(line) or line.strip() in (f"[{key}]", f"[[{key}]]"):
             return number
     return None
+
+
+def _type_ok(kind: type, value: object) -> bool:
+    if kind is float:
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    if kind is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, kind)
 
 
 def load(path: Path) -> Config:
@@ -71,15 +168,22 @@ def load(path: Path) -> Config:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"config file {path}: invalid TOML: {e}") from None
-    known = {"root", "address", "log_level"}
-    values = {}
+    types = {f.name: f.type for f in fields(Config)}
+    kinds = {"str": str, "int": int, "float": float, "bool": bool}
+    values: dict[str, object] = {}
     for key, value in data.items():
         line = _line_of(text, key)
         where = f"config file {path}" + (f", line {line}" if line else "")
-        if key not in known:
-            raise ConfigError(f"{where}: unknown key {key!r} (known keys: {', '.join(sorted(known))})")
-        if not isinstance(value, str):
-            raise ConfigError(f"{where}: {key} must be a string, not {type(value).__name__} {value!r}")
-        values[key] = value
-        Config(**{key: value}).validate(where)
+        if key not in types:
+            raise ConfigError(f"{where}: unknown key {key!r} (known keys: {', '.join(sorted(types))})")
+        kind = kinds[types[key]]
+        if key in SIZE_KEYS and isinstance(value, int) and not isinstance(value, bool):
+            value = str(value)
+        if not _type_ok(kind, value):
+            expected = {"str": "a string", "int": "an integer", "float": "a number", "bool": "true or false"}
+            raise ConfigError(
+                f"{where}: {key} must be {expected[types[key]]}, not {type(value).__name__} {value!r}"
+            )
+        values[key] = float(value) if kind is float else value
+        replace(Config(), **{key: values[key]}).validate(where)
     return Config(**values)

@@ -26,14 +26,16 @@ from concurrent import futures
 from pathlib import Path
 
 import grpc
+import trio
 
 from snapshotter import __version__
 from snapshotter.api.containerd.services.snapshots.v1 import snapshots_pb2_grpc
 
-from . import failpoints, logs
+from . import failpoints, logs, metrics
 from .config import Config
 from .errors import StartupError
 from .layout import remove_tree
+from .lazy import LazyRuntime, RemoteBridge
 from .service import SnapshotsService
 from .snapshots import Snapshotter
 
@@ -190,6 +192,12 @@ class Daemon:
         self.stopping = threading.Event()
 
     def start(self) -> None:
+        """Everything before listening, then listening (tests and tools without the lazy path)."""
+        self.prepare()
+        self.listen()
+
+    def prepare(self) -> None:
+        """Checks, state root, store, orphans: everything before the socket opens."""
         check_kernel()
         prepare_root(self.root)
         self._lock_fd = lock_root(self.root)
@@ -209,6 +217,10 @@ class Daemon:
                 len(missing),
                 ",".join(map(str, missing)),
             )
+
+    def listen(self) -> None:
+        """Open the socket (0600) and serve."""
+        assert self.snapshotter is not None
         prepare_socket(self.address)
         server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=WORKERS, thread_name_prefix="rpc"),
@@ -263,27 +275,67 @@ class Daemon:
 
 def serve(config: Config) -> int:
     """Run the daemon until SIGINT/SIGTERM; 0 after a clean stop, 1 if it could not start."""
-    logs.setup(config.log_level)
+    logs.setup(config.log_level, config.log_format)
     os.umask(0o077)  # the database and anything else lazysnap writes is for root alone
     failpoints.load_from_environment()
+    return trio.run(_serve, config)
+
+
+async def _serve(config: Config) -> int:
+    """One trio loop: the FUSE mount and its layers live on it; gRPC handlers run in their threads and
+    call into it. Remote layers are restored before the socket opens, so containerd never sees a
+    snapshot whose files are not served."""
     daemon = Daemon(config)
+    lazy: LazyRuntime | None = None
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async with trio.open_nursery() as nursery:
+            try:
+                daemon.prepare()
+                assert daemon.snapshotter is not None
+                lazy = LazyRuntime(config)
+                await lazy.start(nursery, daemon.snapshotter.remote_layers())
+                daemon.snapshotter.remote = RemoteBridge(lazy.layers, trio.lowlevel.current_trio_token())
+                daemon.listen()
+                if config.metrics_address:
+                    metrics.serve(config.metrics_address, daemon.snapshotter, lazy)
+                sd_notify("READY=1")
+            except (StartupError, OSError) as e:
+                print(f"lazysnap serve: cannot start: {e}", file=sys.stderr)
+                await _shutdown(daemon, lazy)
+                nursery.cancel_scope.cancel()
+                return 1
+            async for signum in signals:
+                log.info("%s received: stopping", signal.Signals(signum).name)
+                break
+            sd_notify("STOPPING=1")
 
-    def on_signal(signum: int, _frame: object) -> None:
-        if daemon.stopping.is_set():
-            log.info("%s received again: already stopping", signal.Signals(signum).name)
-            return
-        log.info("%s received: stopping", signal.Signals(signum).name)
-        daemon.stopping.set()
+            async def report_more() -> None:
+                async for again in signals:
+                    log.info("%s received again: already stopping", signal.Signals(again).name)
 
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
-    try:
-        daemon.start()
-    except (StartupError, OSError) as e:
-        print(f"lazysnap serve: cannot start: {e}", file=sys.stderr)
-        daemon.stop()
-        return 1
-    while not daemon.stopping.wait(1.0):
-        pass
-    daemon.stop()
+            nursery.start_soon(report_more)
+            await _shutdown(daemon, lazy)
+            nursery.cancel_scope.cancel()
     return 0
+
+
+async def _shutdown(daemon: Daemon, lazy: LazyRuntime | None) -> None:
+    """gRPC first (in-flight RPCs may still need the loop), then the FUSE mount."""
+    with trio.CancelScope(shield=True):
+        await trio.to_thread.run_sync(daemon.stop)
+        if lazy is not None:
+            await lazy.stop()
+
+
+def sd_notify(state: str) -> None:
+    """Tell systemd (Type=notify) about our state, when it is watching."""
+    address = os.environ.get("NOTIFY_SOCKET")
+    if not address:
+        return
+    if address.startswith("@"):
+        address = "\0" + address[1:]
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+        try:
+            s.sendto(state.encode(), address)
+        except OSError as e:
+            log.warning("cannot notify systemd (%s): %s", address.lstrip("\0"), e)

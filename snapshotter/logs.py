@@ -15,6 +15,7 @@ import time
 from collections.abc import Mapping
 
 LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
+FORMATS = ("logfmt", "json")
 
 
 def _value(v: object) -> str:
@@ -50,10 +51,27 @@ class LogfmtFormatter(logging.Formatter):
         return " ".join(parts)
 
 
-def setup(level: str = "info") -> None:
-    """Send lazysnap's logs to stderr as logfmt at `level` (debug, info, warning, error)."""
+class JsonFormatter(logging.Formatter):
+    """The same fields as one JSON object per line."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        t = time.gmtime(record.created)
+        out = {
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S", t) + f".{int(record.msecs):03d}Z",
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": record.getMessage(),
+            **(getattr(record, "fields", None) or {}),
+        }
+        if record.exc_info:
+            out["error"] = self.formatException(record.exc_info)
+        return json.dumps(out, ensure_ascii=False, default=str)
+
+
+def setup(level: str = "info", fmt: str = "logfmt") -> None:
+    """Send lazysnap's logs to stderr as logfmt (or JSON) at `level` (debug, info, warning, error)."""
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(LogfmtFormatter())
+    handler.setFormatter(JsonFormatter() if fmt == "json" else LogfmtFormatter())
     root = logging.getLogger("lazysnap")
     root.handlers[:] = [handler]
     root.setLevel(LEVELS[level])

@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import stat
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -136,7 +137,9 @@ class RemoteLayers:
                 ref = Reference.parse(meta["ref"])
                 source = RegistrySource(self.client, ref, meta["digest"], meta["size"])
                 layer = await layer_from_toc(source, footer, toc, meta["toc_digest"])
-            except (OSError, ValueError, KeyError, FormatError) as e:
+                stored = {path: _Attrs(*attrs) for path, attrs in meta.get("inherited", {}).items()}
+                layer.index.inherit_implicit(stored.get)
+            except (OSError, ValueError, KeyError, TypeError, FormatError) as e:
                 log.error("cannot restore remote layer %s: %s", name, e)
                 failed.append(name)
                 continue
@@ -149,8 +152,10 @@ class RemoteLayers:
 
     # --- lazy pulls ----------------------------------------------------------------------------
 
-    async def acquire(self, req: RemoteRequest) -> str:
-        """Mount the layer (or take one more reference to it); its name. Raises Fallback."""
+    async def acquire(self, req: RemoteRequest, lower: list[str] | None = None) -> str:
+        """Mount the layer (or take one more reference to it); its name. Raises Fallback. `lower` are
+        the directories of the layers below, nearest first: directories this layer creates only
+        implicitly take their attributes from there."""
         name = layer_name(req.digest)
         while name in self._opening:  # another Prepare opens the same layer: share its result
             await self._opening[name].wait()
@@ -159,7 +164,7 @@ class RemoteLayers:
             self._opening[name] = trio.Event()
             try:
                 with trio.move_on_after(self.open_timeout) as scope:
-                    entry = await self._open(req, name)
+                    entry = await self._open(req, name, lower or [])
                 if scope.cancelled_caught:
                     raise Fallback(
                         "timeout",
@@ -186,7 +191,7 @@ class RemoteLayers:
             self.fs.release_layer(name)
             _remove_dir(self.dir / name)
 
-    async def _open(self, req: RemoteRequest, name: str) -> _Entry:
+    async def _open(self, req: RemoteRequest, name: str, lower: list[str]) -> _Entry:
         what = f"{req.ref} layer {req.digest}"
         try:
             desc = await self._descriptor(req)
@@ -204,8 +209,14 @@ class RemoteLayers:
             raise Fallback("format-error", str(e)) from None
         except RegistryError as e:
             raise Fallback("registry", f"{what}: {e}") from None
+        inherited: dict[str, list[int]] = {}
+        if layer.index.implicit and lower:
+            # in a worker thread: the lower layers may be in our own FUSE mount, served by this loop
+            inherited = await trio.to_thread.run_sync(_inherit, layer.index, lower)
         slot = self._next_slot()
-        await trio.to_thread.run_sync(self._store, name, req, desc["size"], expected, slot, footer, toc)
+        await trio.to_thread.run_sync(
+            self._store, name, req, desc["size"], expected, slot, footer, toc, inherited
+        )
         entry = self._mount(name, slot, layer, req.ref, 0)
         self._start_background(entry)
         log.info(
@@ -234,7 +245,15 @@ class RemoteLayers:
         raise Fallback("manifest", f"{req.ref}: layer {req.digest} is not in the image manifest")
 
     def _store(
-        self, name: str, req: RemoteRequest, size: int, toc_digest: str, slot: int, footer: bytes, toc: bytes
+        self,
+        name: str,
+        req: RemoteRequest,
+        size: int,
+        toc_digest: str,
+        slot: int,
+        footer: bytes,
+        toc: bytes,
+        inherited: dict[str, list[int]],
     ) -> None:
         d = self.dir / name
         d.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -244,6 +263,7 @@ class RemoteLayers:
             "size": size,
             "toc_digest": toc_digest,
             "slot": slot,
+            "inherited": inherited,  # attributes implicit directories took from the layers below
         }
         for fname, data in (("footer", footer), ("toc", toc), ("meta.json", json.dumps(meta).encode())):
             tmp = d / f".{fname}.tmp"
@@ -283,6 +303,40 @@ class RemoteLayers:
             {"name": e.name, "refs": e.refs, "fetched": e.handle.fetched_fraction()}
             for e in self._layers.values()
         ]
+
+
+@dataclass(frozen=True)
+class _Attrs:
+    """What inherit_implicit reads of an os.stat_result, as stored in meta.json."""
+
+    st_mode: int
+    st_uid: int
+    st_gid: int
+    st_mtime_ns: int
+
+
+def _inherit(index, lower: list[str]) -> dict[str, list[int]]:
+    """Apply the lower layers' attributes to implicit directories; what was applied, by path."""
+    seen: dict[str, list[int]] = {}
+
+    def stat_lower(path: str) -> os.stat_result | None:
+        st = _stat_dir(lower, path)
+        if st is not None:
+            seen[path] = [st.st_mode, st.st_uid, st.st_gid, st.st_mtime_ns]
+        return st
+
+    index.inherit_implicit(stat_lower)
+    return seen
+
+
+def _stat_dir(lower: list[str], path: str) -> os.stat_result | None:
+    for root in lower:
+        try:
+            st = os.lstat(os.path.join(root, path))
+        except OSError:
+            continue
+        return st if stat.S_ISDIR(st.st_mode) else None  # a file below: this layer's dir replaces it
+    return None
 
 
 def _remove_dir(d: Path) -> None:

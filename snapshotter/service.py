@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import logging
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -73,7 +74,14 @@ def _request_fields(request: Any) -> dict[str, object]:
     return fields
 
 
+#: (rpc, code) -> number of calls, and rpc -> seconds spent: read by the metrics endpoint.
+RPC_CALLS: Counter[tuple[str, str]] = Counter()
+RPC_SECONDS: Counter[str] = Counter()
+
+
 def _log(rpc: str, request: Any, start: float, code: str, **extra: object) -> None:
+    RPC_CALLS[(rpc, code)] += 1
+    RPC_SECONDS[rpc] += time.perf_counter() - start
     if log.isEnabledFor(logging.DEBUG):
         fields = {"rpc": rpc, **_request_fields(request), "code": code, **extra}
         fields["ms"] = (time.perf_counter() - start) * 1000

@@ -21,6 +21,7 @@ import logging
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from . import failpoints
 from .errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
@@ -28,9 +29,14 @@ from .filters import FilterSet
 from .layout import TRASH_PREFIX, Layout, remove_tree
 from .overlay import Mount, snapshot_mounts, supports_index_off
 from .store import Kind, Layer, Record, Store
+
+if TYPE_CHECKING:
+    from .lazy import RemoteBridge
+from .remote import RemoteRequest, remote_request
 from .usage import Usage, disk_usage
 
 log = logging.getLogger("lazysnap.snapshots")
+REMOTE = "remote:"  # backend of a snapshot served from a layer in the FUSE mount: "remote:<layer name>"
 
 #: containerd's limit on one label (labels.Validate): key and value together.
 MAX_LABEL_BYTES = 4096
@@ -105,6 +111,7 @@ class Snapshotter:
         self.layout.ensure()
         self.store = Store(self.layout.db)
         self.index_off = supports_index_off() if index_off is None else index_off
+        self.remote: RemoteBridge | None = None  # set by the daemon once its FUSE mount is up
 
     def close(self) -> None:
         """Close the store; idempotent."""
@@ -113,8 +120,15 @@ class Snapshotter:
     # --- helpers ------------------------------------------------------------------------------
 
     def _paths(self, chain: Sequence[Layer]) -> list[str]:
-        # Every layer is local for now; a remote layer will map to its directory in the FUSE mount.
-        return [str(self.layout.fs(layer.id)) for layer in chain]
+        return [self._path(layer) for layer in chain]
+
+    def _path(self, layer: Layer) -> str:
+        """Where a snapshot's files are: its fs dir, or its layer's directory in the FUSE mount."""
+        if layer.backend.startswith(REMOTE):
+            if self.remote is None:
+                raise FailedPrecondition(f"snapshot {layer.id} is a remote layer but lazy loading is off")
+            return self.remote.path(layer.backend.removeprefix(REMOTE))
+        return str(self.layout.fs(layer.id))
 
     def _mounts(self, rec: Record, chain: Sequence[Layer]) -> list[Mount]:
         return snapshot_mounts(
@@ -134,7 +148,49 @@ class Snapshotter:
     # --- operations ---------------------------------------------------------------------------
 
     def prepare(self, key: str, parent: str = "", labels: Mapping[str, str] | None = None) -> list[Mount]:
-        return self._create(Kind.ACTIVE, key, parent, labels or {})
+        labels = labels or {}
+        req = remote_request(dict(labels)) if self.remote is not None else None
+        if req is not None:
+            self._claim_remote(key, parent, labels, req)  # AlreadyExists when claimed
+        return self._create(Kind.ACTIVE, key, parent, labels)
+
+    def _claim_remote(self, key: str, parent: str, labels: Mapping[str, str], req: RemoteRequest) -> None:
+        """A lazy pull: mount the layer, record the committed target snapshot, answer AlreadyExists (so
+        containerd does not download it). Returns only when the layer is not lazily loadable: then the
+        Prepare goes on as for a full pull."""
+        what = f"cannot prepare {key!r}"
+        exists = AlreadyExists(f"target snapshot {req.target!r}: already exists")
+        if self.store.get(req.target) is not None:
+            raise exists
+        labels = checked_labels(labels, what)
+        assert self.remote is not None
+        lower: list[str] = []
+        if parent:
+            found = self.store.get_with_chain(parent)
+            if found is None:
+                raise NotFound(f"{what}: parent snapshot {parent!r} does not exist")
+            parent_rec, chain = found
+            lower = self._paths([Layer(parent_rec.id, parent_rec.backend), *chain])
+        name = self.remote.acquire(req, lower)
+        if name is None:
+            return
+        try:
+            with self.store.write() as tx:
+                parent_rec = tx.get(parent) if parent else None
+                if parent and (parent_rec is None or parent_rec.kind != Kind.COMMITTED):
+                    raise NotFound(f"{what}: parent snapshot {parent!r} does not exist or is not committed")
+                if tx.get(req.target) is not None:  # claimed by a concurrent Prepare meanwhile
+                    raise exists
+                tx.insert(
+                    Kind.COMMITTED, req.target, parent_rec, labels, time.time_ns(), backend=REMOTE + name
+                )
+        except BaseException:
+            self.remote.release(name)
+            raise
+        log.info(
+            "lazy layer claimed", extra={"fields": {"target": req.target, "layer": name, "ref": str(req.ref)}}
+        )
+        raise exists
 
     def view(self, key: str, parent: str = "", labels: Mapping[str, str] | None = None) -> list[Mount]:
         return self._create(Kind.VIEW, key, parent, labels or {})
@@ -166,7 +222,9 @@ class Snapshotter:
                 self.layout.create(
                     rec.id,
                     with_work=kind == Kind.ACTIVE,
-                    owner_of=self.layout.fs(parent_rec.id) if parent_rec else None,
+                    owner_of=Path(self._path(Layer(parent_rec.id, parent_rec.backend)))
+                    if parent_rec
+                    else None,
                 )
                 failpoints.hit("create.before-commit")
                 chain = tx.chain(rec.parent_id)
@@ -235,6 +293,10 @@ class Snapshotter:
             tx.delete(rec)
             failpoints.hit("remove.before-commit")
         failpoints.hit("remove.after-commit")
+        if rec.backend.startswith(REMOTE):
+            if self.remote is not None:
+                self.remote.release(rec.backend.removeprefix(REMOTE))
+            return
         self.layout.discard(self.layout.dir(rec.id))
 
     def stat(self, key: str) -> Record:
@@ -305,4 +367,8 @@ class Snapshotter:
 
     def check(self) -> list[int]:
         """Ids of records whose directory is missing (reported at start; should never happen)."""
-        return self.layout.missing(self.store.ids())
+        return self.layout.missing(self.store.local_ids())
+
+    def remote_layers(self) -> dict[str, int]:
+        """The remote layers snapshots use (name -> number of snapshots), to restore at start."""
+        return {b.removeprefix(REMOTE): n for b, n in self.store.backends().items() if b.startswith(REMOTE)}

@@ -247,6 +247,17 @@ class Store:
     def ids(self) -> set[int]:
         return {r[0] for r in self._reader().execute("SELECT id FROM snapshots")}
 
+    def local_ids(self) -> set[int]:
+        """Ids of snapshots with a directory under snapshots/ (not served from the FUSE mount)."""
+        return {r[0] for r in self._reader().execute("SELECT id FROM snapshots WHERE backend = 'local'")}
+
+    def backends(self) -> dict[str, int]:
+        """Each non-local backend ("remote:<layer>") and how many snapshots use it."""
+        rows = self._reader().execute(
+            "SELECT backend, count(*) FROM snapshots WHERE backend != 'local' GROUP BY backend"
+        )
+        return {r[0]: r[1] for r in rows}
+
     def count(self) -> int:
         return self._reader().execute("SELECT count(*) FROM snapshots").fetchone()[0]
 
@@ -313,11 +324,18 @@ class Tx:
         return {r[0] for r in self.conn.execute("SELECT id FROM snapshots")}
 
     def insert(
-        self, kind: Kind, key: str, parent: Record | None, labels: Mapping[str, str], now_ns: int
+        self,
+        kind: Kind,
+        key: str,
+        parent: Record | None,
+        labels: Mapping[str, str],
+        now_ns: int,
+        backend: str = "local",
     ) -> Record:
         cur = self.conn.execute(
-            "INSERT INTO snapshots (key, kind, parent_id, created_ns, updated_ns) VALUES (?, ?, ?, ?, ?)",
-            (key, int(kind), parent.id if parent else None, now_ns, now_ns),
+            "INSERT INTO snapshots (key, kind, parent_id, created_ns, updated_ns, backend) "
+            "VALUES (?, ?, ?, ?, ?, ?)",
+            (key, int(kind), parent.id if parent else None, now_ns, now_ns, backend),
         )
         snapshot_id = cur.lastrowid
         assert snapshot_id is not None
@@ -330,6 +348,7 @@ class Tx:
             parent=parent.key if parent else "",
             created_ns=now_ns,
             updated_ns=now_ns,
+            backend=backend,
             labels=dict(labels),
         )
 

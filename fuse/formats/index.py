@@ -110,6 +110,7 @@ class LayerIndex:
         self.c_file_offset = array("Q")
         self.c_size = array("Q")
         self.c_digest = bytearray()
+        self.implicit: set[int] = set()  # directories the TOC does not list (made for their children)
         self.prefetch_end: int | None = None  # compressed offset where the prioritized region ends
         self.no_prefetch = False
 
@@ -201,6 +202,20 @@ class LayerIndex:
         hi = bisect.bisect_left(offs, end, first, first + count)
         return range(max(lo, first), hi)
 
+    def inherit_implicit(self, stat_lower) -> int:
+        """Give directories the TOC does not list the attributes the same directory has in the layers
+        below (`stat_lower(path)` -> os.stat_result or None), as an unpack into an overlay would keep
+        them; without one below they stay 0755 root. Returns how many were changed."""
+        changed = 0
+        for ino in sorted(self.implicit):
+            st = stat_lower(self.path(ino))
+            if st is not None:
+                self.mode[ino] = st.st_mode & 0o7777
+                self.uid[ino], self.gid[ino] = st.st_uid, st.st_gid
+                self.mtime[ino] = st.st_mtime_ns
+                changed += 1
+        return changed
+
     def path(self, ino: int) -> str:
         parts = []
         while ino > ROOT:
@@ -249,6 +264,7 @@ class _Builder:
         self.current_file = -1  # inode of the regular file whose chunks may follow
         self.current_name = ""
         self.current_index = -1
+        self.whiteouts: set[int] = set()  # inodes that stand for a whiteout
 
     def fail(self, i: int, e: dict, message: str) -> FormatError:
         name = e.get("name") if isinstance(e, dict) else None
@@ -310,18 +326,32 @@ class _Builder:
         if base == OPAQUE:
             ix.opaque.add(parent)
             return
-        if base.startswith(WHITEOUT):
+        whiteout = base.startswith(WHITEOUT)
+        if whiteout:
             base, kind = base[len(WHITEOUT) :], CHAR
             name = f"{parent_path}/{base}" if parent_path else base
             e = {**e, "devMajor": 0, "devMinor": 0, "size": 0, "mode": 0, "uid": 0, "gid": 0}
         existing = self.by_path.get(name)
         if existing is not None:
             if kind == DIR and ix.kind[existing] == DIR:
-                self.set_attrs(existing, i, e)  # a directory listed twice: the later entry wins
+                self.set_attrs(existing, i, e)  # listed twice, or made implicitly first: this entry wins
+                ix.implicit.discard(existing)
                 return
-            raise self.fail(i, e, "duplicate name")
-        ino = self.new_inode(parent, base, kind)
-        self.by_path[name] = ino
+            if whiteout and existing not in self.whiteouts:
+                return  # a whiteout hides lower layers only, never an entry of its own layer
+            if existing not in self.whiteouts:
+                raise self.fail(i, e, "duplicate name")
+            # what the layer puts where it whited out a lower entry (a file that becomes a directory):
+            # that entry replaces the whiteout, keeping its inode number
+            self.whiteouts.discard(existing)
+            ix.kind[existing] = kind
+            ix.rdev.pop(existing, None)
+            ino = existing
+        else:
+            ino = self.new_inode(parent, base, kind)
+            self.by_path[name] = ino
+            if whiteout:
+                self.whiteouts.add(ino)
         self.set_attrs(ino, i, e)
         if kind == DIR:
             self.children[ino] = []
@@ -368,6 +398,7 @@ class _Builder:
         parent = self.directory(parent_path, i, e)
         ino = self.new_inode(parent, base, DIR)
         self.ix.mode[ino] = 0o755
+        self.ix.implicit.add(ino)
         self.ix.nlink[ino] = 2
         self.ix.nlink[parent] += 1
         self.children[ino] = []

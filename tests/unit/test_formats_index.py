@@ -248,3 +248,17 @@ def test_index_memory_per_entry_stays_under_300_bytes() -> None:
         tracemalloc.stop()
     assert ix.inode_count >= 18_000
     assert retained / 20_000 < 300
+
+
+def test_a_whiteout_and_a_new_entry_of_the_same_name_in_one_layer() -> None:
+    """A lower file replaced by a directory: the layer whites it out and adds the directory."""
+    ix = index(
+        {"name": "x/.wh.becomes-dir", "type": "reg", "size": 0},
+        {"name": "x/becomes-dir/", "type": "dir", "mode": 0o750},
+        reg("x/becomes-dir/inner", 1),
+        reg("y/file", 1, offset=200),
+        {"name": "y/.wh.file", "type": "reg", "size": 0},  # its own layer's entry is not whited out
+    )
+    d = ix.find("x/becomes-dir")
+    assert ix.kind[d] == DIR and ix.stat(d).mode == 0o750 and ix.find("x/becomes-dir/inner")
+    assert ix.kind[ix.find("y/file")] == REG

@@ -1,0 +1,100 @@
+"""Prometheus metrics of the daemon on a loopback address: `/metrics` in the text exposition format.
+
+Collected on each scrape from the live objects (no bookkeeping on the read path): remote layers mounted
+and each one's fetched fraction, bytes fetched by kind, chunk cache hits and misses (and the cache's own
+usage), the fetch latency histogram, full-pull fallbacks by reason, and RPC counts and time by method.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+from prometheus_client import start_http_server
+from prometheus_client.core import REGISTRY, CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+
+from fuse.fetch import LATENCY_BUCKETS
+
+from . import service
+
+if TYPE_CHECKING:
+    from .lazy import LazyRuntime
+    from .snapshots import Snapshotter
+
+log = logging.getLogger("lazysnap.metrics")
+
+
+class Collector:
+    def __init__(self, snapshotter: Snapshotter, lazy: LazyRuntime):
+        self.snapshotter, self.lazy = snapshotter, lazy
+
+    def collect(self):
+        layers = self.lazy.layers.stats()
+        yield GaugeMetricFamily("lazysnap_remote_layers", "Remote layers mounted", value=len(layers))
+        fetched = GaugeMetricFamily(
+            "lazysnap_layer_fetched_ratio", "Fraction of a layer's chunks in the cache", labels=["layer"]
+        )
+        for layer in layers:
+            fetched.add_metric([layer["name"]], layer["fetched"])
+        yield fetched
+        c = self.lazy.fetcher.counters
+        by_kind = CounterMetricFamily(
+            "lazysnap_fetched_bytes", "Bytes fetched from registries", labels=["kind"]
+        )
+        for kind, value in (
+            ("on_demand", c.bytes_on_demand),
+            ("prefetch", c.bytes_prefetch),
+            ("background", c.bytes_background),
+        ):
+            by_kind.add_metric([kind], value)
+        yield by_kind
+        yield CounterMetricFamily(
+            "lazysnap_chunk_cache_hits", "Chunk reads served locally", value=c.cache_hits
+        )
+        yield CounterMetricFamily(
+            "lazysnap_chunk_cache_misses", "Chunk reads that needed a fetch", value=c.cache_misses
+        )
+        total = c.cache_hits + c.cache_misses
+        yield GaugeMetricFamily(
+            "lazysnap_chunk_cache_hit_ratio",
+            "Hits / (hits + misses)",
+            value=c.cache_hits / total if total else 0.0,
+        )
+        stats = self.lazy.cache.stats()
+        yield GaugeMetricFamily(
+            "lazysnap_chunk_cache_bytes", "Bytes in the chunk cache", value=stats.bytes_used
+        )
+        yield CounterMetricFamily(
+            "lazysnap_read_timeouts", "Reads failed with EIO after read_timeout", value=c.timeouts
+        )
+        cumulative, buckets = 0, []
+        for bound, n in zip(LATENCY_BUCKETS, c.latency, strict=True):
+            cumulative += n
+            buckets.append(("+Inf" if bound == float("inf") else str(bound), cumulative))
+        yield HistogramMetricFamily(
+            "lazysnap_fetch_seconds", "Registry fetch latency", buckets=buckets, sum_value=c.latency_sum
+        )
+        fallbacks = CounterMetricFamily(
+            "lazysnap_fallbacks", "Layers pulled in full instead of lazily", labels=["reason"]
+        )
+        for reason, n in sorted(self.lazy.layers.fallbacks.items()):
+            fallbacks.add_metric([reason], n)
+        yield fallbacks
+        calls = CounterMetricFamily(
+            "lazysnap_rpcs", "Snapshots RPCs by method and code", labels=["rpc", "code"]
+        )
+        for (rpc, code), n in sorted(service.RPC_CALLS.items()):
+            calls.add_metric([rpc, code], n)
+        yield calls
+        seconds = CounterMetricFamily("lazysnap_rpc_seconds", "Time spent in RPCs", labels=["rpc"])
+        for rpc, t in sorted(service.RPC_SECONDS.items()):
+            seconds.add_metric([rpc], t)
+        yield seconds
+
+
+def serve(address: str, snapshotter: Snapshotter, lazy: LazyRuntime) -> None:
+    """Serve /metrics on host:port (in a thread of its own)."""
+    host, _, port = address.rpartition(":")
+    REGISTRY.register(Collector(snapshotter, lazy))
+    start_http_server(int(port), addr=host.strip("[]"))
+    log.info("metrics on http://%s/metrics", address)

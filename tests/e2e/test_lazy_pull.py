@@ -1,0 +1,229 @@
+"""Lazy pulls through containerd: `ctr-remote image rpull` and CRI's PullImage return without the layers,
+the container runs from the FUSE mount and sees exactly the image's tree; ordinary layers fall back to a
+full pull; a restarted daemon serves what it has cached without the network."""
+
+from __future__ import annotations
+
+import json
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import trio
+
+from fuse.formats.writer import WriteOptions, convert_bytes
+from fuse.registry import CredentialStore, HostsConfig, Reference, RegistryClient
+from snapshotter.convert import convert_image
+from tests.harness import images as im
+from tests.harness import trees
+from tests.harness.containerd import Containerd
+from tests.harness.containers import RUNTIME_PATHS, container_tree, feature_image
+from tests.harness.procs import free_port
+from tests.harness.registry import Registry
+from tests.harness.snapshotter import Lazysnap
+
+PLUGIN = "lazysnap"
+
+
+def accelerate(registry: Registry, repo: str, image: im.Image, **kw) -> str:
+    """Push `image` and convert it with lazysnap; the accelerated reference."""
+    im.push_image(registry.url, repo, "v1", image)
+
+    async def convert() -> str:
+        client = RegistryClient(hosts=HostsConfig(None), credentials=CredentialStore(Path("/nonexistent")))
+        async with client:
+            return (await convert_image(client, f"{registry.host}/{repo}:v1", **kw)).destination
+
+    return trio.run(convert)
+
+
+def layer_bytes(registry: Registry, ref: str) -> tuple[int, int]:
+    """(bytes of layer blobs the registry sent, total size of the image's layer blobs)."""
+
+    async def layers() -> list[dict]:
+        client = RegistryClient(hosts=HostsConfig(None), credentials=CredentialStore(Path("/nonexistent")))
+        async with client:
+            return (await client.resolve(ref)).layers
+
+    descs = trio.run(layers)
+    return sum(registry.blob_bytes_sent(d["digest"]) for d in descs), sum(d["size"] for d in descs)
+
+
+def rpull(containerd: Containerd, ref: str) -> None:
+    containerd.ctr_remote("image", "rpull", "--plain-http", "--snapshotter", PLUGIN, ref)
+
+
+def lazysnap_with(snapshotter_factory, workdir: Path, **settings) -> Lazysnap:
+    """`lazysnap serve` with a config file holding `settings` (TOML values)."""
+    config = workdir / "lazysnap.toml"
+    lines = [f'root = "{workdir}/state"', f'address = "{workdir}/lazysnap.sock"']
+    lines += [f"{k} = {json.dumps(v)}" for k, v in settings.items()]
+    config.write_text("\n".join(lines) + "\n")
+    return snapshotter_factory(config=config)
+
+
+def test_rpull_runs_lazily_and_sees_the_image(
+    registry: Registry, snapshotter_factory, containerd_factory, workdir: Path
+) -> None:
+    snapshotter = lazysnap_with(snapshotter_factory, workdir, background=False)
+    lazysnap_containerd = containerd_factory(snapshotter_socket=snapshotter.address)
+    image = feature_image(big_files=0)
+    big = im.Layer([im.File("data/blob", im.pseudo_random(20 << 20, seed=5))])
+    image = im.Image([*image.layers, big], cmd=["/bin/sh"])
+    ref = accelerate(registry, "lazy/app", image)
+
+    started = time.monotonic()
+    rpull(lazysnap_containerd, ref)
+    pull_seconds = time.monotonic() - started
+    fetched, total = layer_bytes(registry, ref)
+    assert fetched < total / 4, f"rpull fetched {fetched} of {total} layer bytes: not lazy"
+    # every layer is a remote snapshot served from the FUSE mount
+    names = snapshotter.client().names()
+    assert len(names) == len(image.layers)
+    assert len(list((snapshotter.root / "mnt").iterdir())) == len(image.layers)
+    assert "lazy layer claimed" in snapshotter.log()
+
+    tree = container_tree(lazysnap_containerd, ref, snapshotter=PLUGIN)
+    trees.assert_same(image.expected_tree(), tree, ignore=RUNTIME_PATHS)
+    assert pull_seconds < 30
+
+    lazysnap_containerd.ctr("image", "rm", "--sync", ref)
+    deadline = time.monotonic() + 20
+    while snapshotter.client().names() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert snapshotter.client().names() == []
+    assert list((snapshotter.root / "mnt").iterdir()) == []  # the layers are unmounted
+    assert list((snapshotter.root / "layers").iterdir()) == []  # and their stored TOCs deleted
+
+
+def test_ctr_remote_images_and_mixed_layers_fall_back(
+    registry: Registry, snapshotter: Lazysnap, lazysnap_containerd: Containerd
+) -> None:
+    """A layer that is not lazily loadable is pulled in full by containerd; the image still works."""
+    image = feature_image()
+    lazy_layer, result = convert_bytes(image.layers[0].tar(), WriteOptions())
+    plain = [layer.blob("gzip") for layer in image.layers[1:]]
+
+    async def push_mixed() -> str:
+        client = RegistryClient(hosts=HostsConfig(None), credentials=CredentialStore(Path("/nonexistent")))
+        ref = Reference.parse(f"{registry.host}/lazy/mixed:v1")
+        async with client:
+            layers = [
+                {
+                    "mediaType": result.media_type,
+                    "digest": await client.push_blob(ref, lazy_layer),
+                    "size": len(lazy_layer),
+                    "annotations": result.annotations,
+                }
+            ]
+            for blob in plain:
+                layers.append(
+                    {
+                        "mediaType": im.OCI_LAYER["gzip"],
+                        "digest": await client.push_blob(ref, blob),
+                        "size": len(blob),
+                    }
+                )
+            config = image.config([result.diff_id, *(layer.diff_id for layer in image.layers[1:])])
+            body = json.dumps(config).encode()
+            manifest = {
+                "schemaVersion": 2,
+                "mediaType": im.OCI_MANIFEST,
+                "config": {
+                    "mediaType": im.OCI_CONFIG,
+                    "digest": await client.push_blob(ref, body),
+                    "size": len(body),
+                },
+                "layers": layers,
+            }
+            await client.push_manifest(ref, json.dumps(manifest).encode(), im.OCI_MANIFEST)
+        return str(ref)
+
+    ref = trio.run(push_mixed)
+    rpull(lazysnap_containerd, ref)
+    assert (
+        "full pull for" in snapshotter.log()
+        and "not lazily loadable" in snapshotter.log()
+        or "no TOC digest" in snapshotter.log()
+    )
+    assert len(list((snapshotter.root / "mnt").iterdir())) == 1  # only the accelerated layer is remote
+    expected = image.expected_tree()
+    # the lazily loaded base layer is the converted tar: it also holds the converter's own entries
+    tree = container_tree(lazysnap_containerd, ref, snapshotter=PLUGIN)
+    trees.assert_same(expected, tree, ignore=[*RUNTIME_PATHS, ".no.prefetch.landmark", "stargz.index.json"])
+
+
+def test_cri_pull_is_lazy(registry: Registry, snapshotter_factory, containerd_factory, workdir: Path) -> None:
+    snapshotter = lazysnap_with(snapshotter_factory, workdir, background=False)
+    containerd = containerd_factory(snapshotter_socket=snapshotter.address, cri=True, cri_snapshotter=PLUGIN)
+    containerd.plain_http(registry.host)
+    image = im.Image(
+        [*feature_image().layers, im.Layer([im.File("data/blob", im.pseudo_random(20 << 20, 6))])]
+    )
+    ref = accelerate(registry, "lazy/cri", image, format="zstd-chunked")
+    cri = containerd.cri_client()
+    try:
+        assert cri.pull_image(ref).startswith("sha256:")
+    finally:
+        cri.close()
+    fetched, total = layer_bytes(registry, ref)
+    assert fetched < total / 4, f"CRI pull fetched {fetched} of {total} layer bytes: not lazy"
+    assert len(list((snapshotter.root / "mnt").iterdir())) == len(image.layers)
+    # zstd:chunked layers carry no toc.digest label: the TOC digest came from the manifest
+    assert "cri.layer-digest" in snapshotter.log()
+
+
+def test_restart_serves_cached_layers_without_the_network(
+    registry_factory, snapshotter_factory, containerd_factory, workdir: Path
+) -> None:
+    registry = registry_factory(record=False)
+    metrics_port = free_port()
+    snap = lazysnap_with(
+        snapshotter_factory, workdir, metrics_address=f"127.0.0.1:{metrics_port}", read_timeout=5.0
+    )
+    containerd = containerd_factory(snapshotter_socket=snap.address)
+    image = feature_image()
+    ref = accelerate(registry, "lazy/restart", image)
+    rpull(containerd, ref)
+
+    def metrics() -> str:
+        with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5) as r:
+            return r.read().decode()
+
+    deadline = time.monotonic() + 60  # the background fetch makes every layer local
+    while time.monotonic() < deadline:
+        ratios = [
+            float(line.split()[-1])
+            for line in metrics().splitlines()
+            if line.startswith("lazysnap_layer_fetched_ratio{")
+        ]
+        if ratios and min(ratios) == 1.0:
+            break
+        time.sleep(0.5)
+    assert ratios and min(ratios) == 1.0, ratios
+    text = metrics()
+    assert f"lazysnap_remote_layers {float(len(image.layers))}" in text
+    assert 'lazysnap_rpcs_total{code="ALREADY_EXISTS",rpc="Prepare"}' in text
+
+    snap.stop()
+    registry.stop()  # no network from here on
+    snap.start()
+    assert len(snap.client().names()) == len(image.layers)  # restored from the stored TOCs
+    tree = container_tree(containerd, ref, snapshotter=PLUGIN)
+    trees.assert_same(image.expected_tree(), tree, ignore=RUNTIME_PATHS)
+
+
+def test_systemd_unit_verifies(tmp_path: Path) -> None:
+    import shutil
+    import subprocess
+    import sys
+
+    if not shutil.which("systemd-analyze"):
+        pytest.skip("systemd-analyze is not installed")
+    unit = (Path(__file__).resolve().parents[2] / "systemd" / "lazysnap.service").read_text()
+    assert "Type=notify" in unit and "Before=containerd.service" in unit
+    local = tmp_path / "lazysnap.service"
+    local.write_text(unit.replace("/usr/local/bin/lazysnap", str(Path(sys.executable).parent / "lazysnap")))
+    p = subprocess.run(["systemd-analyze", "verify", str(local)], capture_output=True, text=True)
+    assert p.returncode == 0 and "lazysnap.service" not in p.stderr, p.stderr
