@@ -41,6 +41,11 @@ def test_flags_override_the_file(tmp_path: Path) -> None:
         ('address = "/' + "x" * 120 + '"\n', "limit of unix socket paths"),
         ('root = "/a"\nroot = "/b"\n', "invalid TOML"),
         ("root = \n", "line 1"),
+        ('cache_limit = "lots"\n', "line 1: cache_limit must be a size"),
+        ('background = "yes"\n', "line 1: background must be true or false"),
+        ("read_timeout = -1\n", "line 1: read_timeout must be a positive number"),
+        ('metrics_address = "9090"\n', "line 1: metrics_address must be host:port"),
+        ('log_format = "xml"\n', "line 1: log_format must be one of logfmt, json"),
     ],
 )
 def test_bad_files_name_line_and_key(tmp_path: Path, text: str, message: str) -> None:
@@ -66,3 +71,16 @@ def test_cli_reports_config_errors(tmp_path: Path, capsys: pytest.CaptureFixture
 def test_version_still_works(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["version"]) == 0
     assert "containerd.services.snapshots.v1.Snapshots" in capsys.readouterr().out
+
+
+def test_lazy_settings(tmp_path: Path) -> None:
+    cfg = load(
+        write(tmp_path, 'cache_limit = "2GiB"\nmerge_cap = 65536\nbackground = false\nread_timeout = 5\n')
+    )
+    assert (cfg.size("cache_limit"), cfg.size("merge_cap"), cfg.background, cfg.read_timeout) == (
+        2 << 30,
+        65536,
+        False,
+        5.0,
+    )
+    assert cfg.cache_path == Path(cfg.root) / "cache"
