@@ -162,8 +162,6 @@ async def open_layer(
     limits: Limits = DEFAULT_LIMITS,
 ) -> Layer:
     """Open a layer: footer, TOC (verified), index. Raises NotLazy for ordinary layers."""
-    if expected_toc_digest is None and not allow_unverified:
-        raise Unverified(f"{source.description}: no expected TOC digest given; refusing an unverifiable TOC")
     tail, raw = await fetch_toc(source)
     return await layer_from_toc(
         source, tail, raw, expected_toc_digest, allow_unverified=allow_unverified, limits=limits

@@ -349,6 +349,21 @@ class RegistryClient:
 
     async def _upload(self, ref: Reference, data: bytes, digest: str, mount_from: str | None, scopes) -> None:
         what = f"upload of {digest} to {ref.name}"
+        location = await self._upload_start(ref, digest, mount_from, scopes, what)
+        if location is None:  # mounted from the other repository
+            return
+        chunk = self.options.upload_chunk
+        body = data
+        if chunk:
+            for off in range(0, len(data), chunk):
+                location = await self._upload_patch(ref, location, off, data[off : off + chunk], what)
+            body = b""
+        await self._upload_finish(ref, location, digest, body, what)
+
+    async def _upload_start(
+        self, ref: Reference, digest: str, mount_from: str | None, scopes, what: str
+    ) -> str | None:
+        """POST an upload (or a cross-repository mount): its location, or None when mounted."""
         query = f"?mount={digest}&from={mount_from}" if mount_from else ""
 
         async def start(resp: httpx.Response) -> tuple[int, str]:
@@ -366,36 +381,34 @@ class RegistryClient:
             extra_scopes=scopes[1:],
             attempts=1,
         )
-        if status == 201:  # mounted from the other repository
-            return
-        chunk = self.options.upload_chunk
-        if chunk:
-            for off in range(0, len(data), chunk):
-                part = data[off : off + chunk]
+        return None if status == 201 else location
 
-                async def patched(resp: httpx.Response, off=off, part=part) -> str:
-                    self._expect(resp, (202,), f"{what} (bytes {off}-{off + len(part) - 1})")
-                    return urljoin(str(resp.url), resp.headers.get("location", ""))
+    async def _upload_patch(self, ref: Reference, location: str, offset: int, part: bytes, what: str) -> str:
+        """PATCH one piece of an upload; the location of the next step."""
+        end = offset + len(part) - 1
 
-                location = await self._call(
-                    ref,
-                    "PATCH",
-                    "",
-                    "",
-                    "push",
-                    patched,
-                    url=location,
-                    content=part,
-                    actions="pull,push",
-                    headers={
-                        "Content-Type": "application/octet-stream",
-                        "Content-Range": f"{off}-{off + len(part) - 1}",
-                    },
-                    attempts=1,
-                )
-            body = b""
-        else:
-            body = data
+        async def patched(resp: httpx.Response) -> str:
+            self._expect(resp, (202,), f"{what} (bytes {offset}-{end})")
+            return urljoin(str(resp.url), resp.headers.get("location", ""))
+
+        return await self._call(
+            ref,
+            "PATCH",
+            "",
+            "",
+            "push",
+            patched,
+            url=location,
+            content=part,
+            actions="pull,push",
+            headers={"Content-Type": "application/octet-stream", "Content-Range": f"{offset}-{end}"},
+            attempts=1,
+        )
+
+    async def _upload_finish(
+        self, ref: Reference, location: str, digest: str, body: bytes, what: str
+    ) -> None:
+        """The closing PUT with the digest (and the last bytes, if any)."""
 
         async def done(resp: httpx.Response) -> None:
             self._expect(resp, (201,), what)
@@ -417,8 +430,6 @@ class RegistryClient:
             actions="pull,push",
             attempts=1,
         )
-
-    # --- whole blobs as files (the converter) ----------------------------------------------------------
 
     async def download_blob(self, ref: Reference, digest: str, dest: Path, *, size: int | None = None) -> int:
         """Stream a whole blob into the file `dest` (created or truncated), verified against its digest;
@@ -481,26 +492,8 @@ class RegistryClient:
         self, ref: Reference, path: Path, size: int, digest: str, mount_from: str | None, scopes
     ) -> None:
         what = f"upload of {digest} to {ref.name}"
-        query = f"?mount={digest}&from={mount_from}" if mount_from else ""
-
-        async def start(resp: httpx.Response) -> tuple[int, str]:
-            self._expect(resp, (201, 202), what)
-            return resp.status_code, urljoin(str(resp.url), resp.headers.get("location", ""))
-
-        status, location = await self._operation(
-            self._call(
-                ref,
-                "POST",
-                "blobs",
-                "uploads/" + query,
-                "push",
-                start,
-                actions=scopes[0],
-                extra_scopes=scopes[1:],
-                attempts=1,
-            )
-        )
-        if status == 201:  # mounted from the other repository
+        location = await self._operation(self._upload_start(ref, digest, mount_from, scopes, what))
+        if location is None:  # mounted from the other repository
             return
         chunk = self.options.upload_chunk or FILE_UPLOAD_CHUNK
         body = b""
@@ -510,55 +503,13 @@ class RegistryClient:
             else:
                 offset = 0
                 while part := await f.read(chunk):
-                    end = offset + len(part) - 1
-
-                    async def patched(resp: httpx.Response, offset=offset, end=end) -> str:
-                        self._expect(resp, (202,), f"{what} (bytes {offset}-{end})")
-                        return urljoin(str(resp.url), resp.headers.get("location", ""))
-
                     location = await self._operation(
-                        self._call(
-                            ref,
-                            "PATCH",
-                            "",
-                            "",
-                            "push",
-                            patched,
-                            url=location,
-                            content=part,
-                            actions="pull,push",
-                            headers={
-                                "Content-Type": "application/octet-stream",
-                                "Content-Range": f"{offset}-{end}",
-                            },
-                            attempts=1,
-                        ),
+                        self._upload_patch(ref, location, offset, part, what),
                         self._transfer_deadline(len(part)),
                     )
                     offset += len(part)
-
-        async def done(resp: httpx.Response) -> None:
-            self._expect(resp, (201,), what)
-            got = resp.headers.get("docker-content-digest")
-            if got and got != digest:
-                raise DigestMismatch(f"{what}: registry stored it as {got}")
-
-        sep = "&" if "?" in location else "?"
         await self._operation(
-            self._call(
-                ref,
-                "PUT",
-                "",
-                "",
-                "push",
-                done,
-                url=f"{location}{sep}digest={digest}",
-                content=body,
-                headers={"Content-Type": "application/octet-stream"},
-                actions="pull,push",
-                attempts=1,
-            ),
-            self._transfer_deadline(len(body)),
+            self._upload_finish(ref, location, digest, body, what), self._transfer_deadline(len(body))
         )
 
     def _transfer_deadline(self, size: int | None) -> float:
