@@ -9,9 +9,9 @@
 - Fetches run in the fetcher's own nursery, so a reader that gives up (its `read_timeout` passed:
   EIO, with a log line naming image, layer and file) does not cancel work other readers will use.
 - Prefetch at mount fetches the prioritized region (everything before `.prefetch.landmark`) in
-  `prefetch_piece` pieces, each chunk usable as soon as its piece arrives. The background fetch then walks
-  the rest of the layer at `background_rate` bytes/s (0: as fast as the link allows), pausing while
-  on-demand reads are waiting, until the layer needs no network at all.
+  `prefetch_piece` pieces, each chunk usable as soon as its piece arrives. The background fetch then
+  walks the rest of the layer at `background_rate` bytes/s (0: as fast as the link allows) whenever no
+  on-demand read has needed the network for `background_idle` seconds, until the layer needs no network.
 - Decompression and verification run in worker threads (`formats.reader.DECODE_LIMIT`); requests to
   one registry host are bounded by a per-host limiter.
 """
@@ -49,7 +49,8 @@ class FetchOptions:
     background: bool = True
     background_rate: float = 0.0  # bytes/s; 0 = unlimited
     prefetch_piece: int = 4 << 20  # the prioritized region comes in pieces, each usable on arrival
-    background_piece: int = 8 << 20
+    background_piece: int = 4 << 20
+    background_idle: float = 1.0  # the background fetch waits until no read needed the network this long
     read_ahead: int = 8 << 20  # a file read sequentially: fetch this much of what follows
 
 
@@ -121,6 +122,7 @@ class Fetcher:
         self._demand_waiting = 0
         self._demand_idle = trio.Event()
         self._demand_idle.set()
+        self._last_demand = -1e9
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """Run the fetcher's nursery (fetches, cache writes, background work) until cancelled."""
@@ -161,6 +163,7 @@ class Fetcher:
     async def _demand(self, handle: LayerHandle, ino: int, ids: list[int]) -> list[bytes]:
         """The chunks of an on-demand read, within read_timeout; background work pauses meanwhile."""
         self._demand_waiting += 1
+        self._last_demand = trio.current_time()
         self._demand_idle = trio.Event() if self._demand_idle.is_set() else self._demand_idle
         datas: list[bytes] = [b""] * len(ids)
         try:
@@ -376,6 +379,15 @@ class Fetcher:
             handle, ids, "background", self.options.background_piece, self.options.background_rate
         )
 
+    async def _until_idle(self) -> None:
+        """Until no on-demand read waits and none has for `background_idle` seconds."""
+        while True:
+            await self._demand_idle.wait()
+            quiet = trio.current_time() - self._last_demand
+            if quiet >= self.options.background_idle:
+                return
+            await trio.sleep(self.options.background_idle - quiet)
+
     async def _walk(self, handle: LayerHandle, ids: list[int], kind: str, piece: int, rate: float) -> None:
         """Fetch chunks in blob order, `piece` bytes at a time, each piece stored before the next."""
         ix = handle.layer.index
@@ -383,7 +395,7 @@ class Fetcher:
         i = 0
         while i < len(ids) and not handle.closed:
             if kind == "background":
-                await self._demand_idle.wait()  # on-demand reads first
+                await self._until_idle()  # on-demand reads first: a container starting reads in bursts
             group: list[int] = []
             start = ix.c_start[ids[i]]
             while i < len(ids) and (
