@@ -11,6 +11,9 @@ Everything is immutable, so the kernel caches to the full: huge entry and attrib
 image, layer and file. Writes fail with EROFS (the mount is read-only). Mounted with
 `default_permissions` so the kernel enforces each file's mode and owner (images carry secrets), and
 `allow_other` only together with it.
+
+With `record=True` the filesystem remembers which regular files are opened, as (layer name, path), once
+each and in the order of their first open (`recorded()`): what a workload reads, for prioritizing.
 """
 
 from __future__ import annotations
@@ -78,12 +81,18 @@ class LazyFS(pyfuse3.Operations):
     enable_writeback_cache = False
     enable_acl = False
 
-    def __init__(self, fetcher: Fetcher):
+    def __init__(self, fetcher: Fetcher, *, record: bool = False):
         super().__init__()
         self.fetcher = fetcher
         self._by_name: dict[str, _Mounted] = {}
         self._by_slot: dict[int, _Mounted] = {}
         self._uid, self._gid = os.getuid(), os.getgid()
+        self._opened: dict[tuple[str, str], None] | None = {} if record else None  # ordered set
+
+    def recorded(self) -> list[tuple[str, str]]:
+        """(layer name, path) of each regular file opened since the mount, in first-open order; empty
+        unless made with `record=True`."""
+        return list(self._opened or ())
 
     # --- layers ----------------------------------------------------------------------------------
 
@@ -217,6 +226,8 @@ class LazyFS(pyfuse3.Operations):
         m, local = self._resolve(inode)
         if m.handle.layer.index.kind[local] != REG:
             raise pyfuse3.FUSEError(errno.EINVAL)
+        if self._opened is not None:
+            self._opened.setdefault((m.name, m.handle.layer.index.path(local)), None)
         m.open_files += 1
         return pyfuse3.FileInfo(fh=inode, keep_cache=True)
 

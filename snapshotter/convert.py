@@ -563,6 +563,8 @@ def parse_size(text: str) -> int:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The arguments of `lazysnap convert`."""
+    from .optimize import DEFAULT_TIMEOUT  # optimize imports this module
+
     parser.add_argument("src", metavar="SRC", help="image to convert, e.g. registry.example.com/app:1.0")
     parser.add_argument(
         "dst", metavar="DST", nargs="?", help=f"where to push it (default: SRC's tag + {SUFFIX})"
@@ -589,6 +591,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="FILE",
         help="read the prioritized files from FILE (one path a line, or ctr-remote's JSON records)",
     )
+    prio.add_argument(
+        "--optimize",
+        action="store_true",
+        help="prioritize the files that the --run command opens in the image, mounted lazily (needs root)",
+    )
+    parser.add_argument(
+        "--run",
+        metavar="COMMAND",
+        help="with --optimize: the workload, run with /bin/sh -c in a chroot of the image until it exits",
+    )
+    parser.add_argument(
+        "--optimize-timeout",
+        type=float,
+        default=DEFAULT_TIMEOUT,
+        metavar="SECONDS",
+        help=f"with --optimize: stop the workload after this long (default: {DEFAULT_TIMEOUT:g})",
+    )
     parser.add_argument(
         "--level", type=int, metavar="N", help="compression level (gzip 1-9, default 6; zstd 1-22, default 3)"
     )
@@ -610,24 +629,31 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 async def run(args: argparse.Namespace) -> int:
     """`lazysnap convert`: 0 on success, 1 on failure (the error on stderr)."""
     prioritize: Sequence[str] | Path | None = args.prioritize_from or args.prioritize
+    if bool(args.optimize) != bool(args.run):
+        print("lazysnap convert: --optimize and --run COMMAND go together", file=sys.stderr)
+        return 2
     hosts = HostsConfig(args.hosts_dir) if args.hosts_dir else HostsConfig(None)
     credentials = CredentialStore(args.docker_config) if args.docker_config else CredentialStore()
+    options = dict(
+        format=args.format,
+        chunk_size=args.chunk_size,
+        level=args.level,
+        platform=args.platform,
+        all_platforms=args.all_platforms,
+        threads=args.threads,
+        tmpdir=args.tmpdir,
+        log=lambda msg: print(msg, flush=True),
+    )
     try:
         async with RegistryClient(hosts=hosts, credentials=credentials) as client:
-            result = await convert_image(
-                client,
-                args.src,
-                args.dst,
-                format=args.format,
-                chunk_size=args.chunk_size,
-                prioritize=prioritize,
-                level=args.level,
-                platform=args.platform,
-                all_platforms=args.all_platforms,
-                threads=args.threads,
-                tmpdir=args.tmpdir,
-                log=lambda msg: print(msg, flush=True),
-            )
+            if args.optimize:
+                from .optimize import optimize_image
+
+                result = await optimize_image(
+                    client, args.src, args.dst, args.run, timeout=args.optimize_timeout, **options
+                )
+            else:
+                result = await convert_image(client, args.src, args.dst, prioritize=prioritize, **options)
     except (ConvertError, RegistryError) as e:
         print(f"lazysnap convert: {e}", file=sys.stderr)
         return 1

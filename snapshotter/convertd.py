@@ -47,6 +47,7 @@ Configuration (TOML, ``--config FILE``); every key is optional::
     level = 6
     all_platforms = false                      # else the host's platform (or `platform`) of an index
     platform = "linux/amd64"
+    workload = "nginx -t"                      # optimize: prioritize what `/bin/sh -c` of it opens
 
 Relative paths are relative to the config file. An invalid file stops the start with the line and reason.
 
@@ -109,6 +110,7 @@ from fuse.registry import manifests as mf
 from . import failpoints, logs
 from .convert import ATTESTATION, FOREIGN, IMAGE_CONFIGS, SUFFIX, ConvertError, convert_image
 from .jobs import STATES, Job, JobStore, Push, QueueError, RetryPolicy, Tag
+from .optimize import optimize_image
 
 log = logging.getLogger("lazysnap.convertd")
 T = TypeVar("T")
@@ -141,18 +143,22 @@ class RepositoryRule:
     level: int | None = None
     all_platforms: bool = False
     platform: str | None = None
+    workload: str | None = None  # a command: converted with snapshotter.optimize.optimize_image
 
     def matches(self, repository: str) -> bool:
         return glob_regex(self.name).match(repository) is not None
 
     def options(self) -> dict[str, Any]:
-        return {
+        options: dict[str, Any] = {
             "format": self.format,
             "chunk_size": self.chunk_size,
             "level": self.level,
             "all_platforms": self.all_platforms,
             "platform": self.platform,
         }
+        if self.workload is not None:
+            options["workload"] = self.workload
+        return options
 
 
 @dataclass(frozen=True)
@@ -306,7 +312,7 @@ _TOP_KEYS = {
     "repositories",
 }
 _RETRY_KEYS = {"attempts", "backoff", "max_backoff", "multiplier"}
-_REPO_KEYS = {"name", "format", "chunk_size", "level", "all_platforms", "platform"}
+_REPO_KEYS = {"name", "format", "chunk_size", "level", "all_platforms", "platform", "workload"}
 
 
 def _check_keys(loader: _Loader, data: dict, known: set[str], table: str | None, index: int | None) -> None:
@@ -496,6 +502,10 @@ def _parse_rule(ld: _Loader, data: dict, i: int) -> RepositoryRule:
             raise ld.error(str(e), "platform", t, i) from None
         if values.get("all_platforms"):
             raise ld.error("give platform or all_platforms = true, not both", "platform", t, i)
+    if "workload" in data:
+        values["workload"] = _typed(ld, data, "workload", str, "a string", t, i)
+        if not values["workload"].strip():
+            raise ld.error("must not be empty", "workload", t, i)
     rule = RepositoryRule(**values)
     try:
         WriteOptions(format=rule.format, chunk_size=rule.chunk_size, level=rule.level).validated()
@@ -1185,7 +1195,10 @@ class Convertd:
 
         self._tmp.mkdir(mode=0o700, exist_ok=True)
         started = time.monotonic()
-        result = await convert_image(
+        convert: Callable[..., Awaitable[Any]] = convert_image
+        if opts.get("workload"):  # the files the workload opens go first
+            convert = functools.partial(optimize_image, command=opts["workload"])
+        result = await convert(
             client,
             src,
             dst,

@@ -2,11 +2,15 @@
 containerd. The same data path as the daemon: one FUSE mount (a private directory) with one
 subdirectory per layer, and an overlayfs at MOUNTPOINT whose lower directories are those layers
 (whiteouts and opaque directories applied by the kernel, as for a container). It stays in the
-foreground until MOUNTPOINT is unmounted or the process is interrupted, then cleans up."""
+foreground until MOUNTPOINT is unmounted or the process is interrupted, then cleans up.
+
+With `--record FILE` it writes, when it exits, the files opened through the mount (one absolute path a
+line, in first-open order; the list `lazysnap convert --prioritize-from` reads)."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import signal
@@ -40,6 +44,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--docker-config", type=Path, help="docker config.json with credentials")
     p.add_argument("--no-background", action="store_true", help="fetch only what is read (and prefetched)")
     p.add_argument("--read-timeout", type=float, default=30.0, help="seconds before a read fails with EIO")
+    p.add_argument(
+        "--record", type=Path, metavar="FILE", help="on exit, write the paths of the files opened to FILE"
+    )
 
 
 async def run(args: argparse.Namespace) -> int:
@@ -68,13 +75,20 @@ async def run(args: argparse.Namespace) -> int:
         fetcher = Fetcher(
             cache, FetchOptions(read_timeout=args.read_timeout, background=not args.no_background)
         )
-        await serve(fetcher, handles, mountpoint, args.cache)
+        await serve(fetcher, handles, mountpoint, args.cache, record=args.record)
     return 0
 
 
-async def serve(fetcher: Fetcher, handles: list[LayerHandle], mountpoint: Path, cache_dir: Path) -> None:
-    """Mount, serve until unmounted or signalled, clean up."""
-    fs = LazyFS(fetcher)
+async def serve(
+    fetcher: Fetcher,
+    handles: list[LayerHandle],
+    mountpoint: Path,
+    cache_dir: Path,
+    *,
+    record: Path | None = None,
+) -> None:
+    """Mount, serve until unmounted or signalled, clean up; then write the files opened to `record`."""
+    fs = LazyFS(fetcher, record=record is not None)
     # beside the cache: the layers' FUSE mount is private to this process
     fuse_dir = Path(tempfile.mkdtemp(prefix=f".{cache_dir.name}.layers-", dir=cache_dir.parent))
     os.chmod(fuse_dir, 0o700)
@@ -106,6 +120,31 @@ async def serve(fetcher: Fetcher, handles: list[LayerHandle], mountpoint: Path, 
     finally:
         pyfuse3.close(unmount=True)
         os.rmdir(fuse_dir)
+        if record is not None:
+            write_record(record, [path for _layer, path in fs.recorded()])
+
+
+def write_record(file: Path, paths: list[str]) -> None:
+    """Write paths (relative to the image root) as absolute paths, once each, one a line, atomically. A
+    path that a line cannot hold as it is (line breaks, surrounding blanks, bytes that are not UTF-8)
+    becomes a JSON line `{"path": ...}`, as `snapshotter.convert.read_prioritized` reads them."""
+    lines = []
+    for path in dict.fromkeys(paths):
+        line = "/" + path
+        if line.strip() != line or len(line.splitlines()) != 1 or not _utf8(line):
+            line = json.dumps({"path": line})
+        lines.append(line + "\n")
+    tmp = file.with_name(f".{file.name}.tmp")
+    tmp.write_text("".join(lines))
+    os.replace(tmp, file)
+
+
+def _utf8(text: str) -> bool:
+    try:
+        text.encode()
+        return True
+    except UnicodeEncodeError:
+        return False
 
 
 async def _mount_overlay(lower: list[str], mountpoint: Path) -> None:
