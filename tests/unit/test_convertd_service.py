@@ -166,7 +166,7 @@ async def test_workers_run_every_due_job(tmp_path: Path) -> None:
         ran.append(job.pending_tags[0].tag)
         if job.pending_tags[0].tag == "bad":
             raise ManifestError("unsupported")
-        service.store.tag_done(job.id, job.pending_tags[0])
+        await service.db(service.store.tag_done, job.id, job.pending_tags[0])  # the DB thread's connection
         return "retagged"
 
     service._work = work  # type: ignore[method-assign]
