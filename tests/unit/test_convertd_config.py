@@ -9,18 +9,16 @@ from pathlib import Path
 
 import pytest
 
-from snapshotter.convertd import (
+from snapshotter.convertd import main
+from snapshotter.convertd_config import (
     Config,
     ConfigError,
-    Ignored,
     RepositoryRule,
-    classify,
     glob_regex,
     load_config,
-    main,
     parse_listen,
-    parse_timestamp,
 )
+from snapshotter.convertd_events import Ignored, classify, parse_timestamp
 from snapshotter.jobs import Push, RetryPolicy
 
 DIGEST = "sha256:" + "d" * 64

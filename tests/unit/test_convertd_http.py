@@ -12,16 +12,9 @@ import pytest
 import trio
 import trio.testing
 
-from snapshotter.convertd import (
-    Config,
-    Convertd,
-    HttpServer,
-    Limits,
-    RepositoryRule,
-    Request,
-    Response,
-    json_response,
-)
+from snapshotter.convertd import Convertd
+from snapshotter.convertd_config import Config, RepositoryRule
+from snapshotter.convertd_http import HttpServer, Limits, Request, Response, json_response
 from snapshotter.jobs import JobStore
 
 DIGEST = "sha256:" + "e" * 64

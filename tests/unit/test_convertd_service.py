@@ -15,7 +15,8 @@ from fuse.formats.annotations import CHUNKED_CHECKSUM, TOC_DIGEST
 from fuse.formats.write_tar import TarFormatError
 from fuse.registry import ManifestError, NotFound, Reference, Unavailable
 from snapshotter.convert import ConvertError
-from snapshotter.convertd import Config, Convertd, RepositoryRule, Skip, _describe, _permanent, inspect
+from snapshotter.convertd import Convertd, Skip, _describe, _permanent, inspect
+from snapshotter.convertd_config import Config, RepositoryRule
 from snapshotter.jobs import Job, JobStore, Push
 
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"

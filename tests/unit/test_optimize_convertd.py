@@ -12,7 +12,9 @@ import pytest
 
 from snapshotter import convertd
 from snapshotter.convert import ConvertResult
-from snapshotter.convertd import Config, ConfigError, Convertd, RepositoryRule, classify, load_config
+from snapshotter.convertd import Convertd
+from snapshotter.convertd_config import Config, ConfigError, RepositoryRule, load_config
+from snapshotter.convertd_events import classify
 from snapshotter.jobs import JobStore, Push
 
 DIGEST = "sha256:" + "d" * 64
