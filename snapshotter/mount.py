@@ -15,6 +15,7 @@ import logging
 import os
 import signal
 import tempfile
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pyfuse3
@@ -97,6 +98,22 @@ async def serve(
         fs.add_layer(name, slot, handle)
     pyfuse3.init(fs, str(fuse_dir), list(MOUNT_OPTIONS))
     raise_read_ahead(str(fuse_dir))
+    # Signals are ours until the very end: a second SIGTERM during the clean-up must not kill the
+    # process half-way and leave the FUSE mount behind.
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as receiver:
+        await _serve_mounted(fs, fetcher, handles, names, fuse_dir, mountpoint, receiver, record)
+
+
+async def _serve_mounted(
+    fs: LazyFS,
+    fetcher: Fetcher,
+    handles: list[LayerHandle],
+    names: list[str],
+    fuse_dir: Path,
+    mountpoint: Path,
+    receiver: AsyncIterator[int],
+    record: Path | None,
+) -> None:
     try:
         async with trio.open_nursery() as nursery:
             await nursery.start(fetcher.run)
@@ -109,12 +126,16 @@ async def serve(
                 print(f"mounted {len(handles)} layers at {mountpoint}", flush=True)
                 for handle in handles:
                     nursery.start_soon(fetcher.background, handle)
-                await _until_unmounted_or_signalled(mountpoint)
+                await _until_unmounted_or_signalled(mountpoint, receiver)
             finally:
                 # the overlay first, while the layers are still served; then FUSE's loop
                 with trio.CancelScope(shield=True):
                     if _is_mountpoint(mountpoint):
-                        await trio.run_process(["umount", str(mountpoint)], check=False)
+                        proc = await trio.run_process(
+                            ["umount", str(mountpoint)], check=False, capture_stderr=True
+                        )
+                        if proc.returncode:
+                            log.warning("umount %s: %s", mountpoint, proc.stderr.decode().strip())
                 pyfuse3.terminate()  # pyfuse3.main returns; cancelling it is not enough
                 nursery.cancel_scope.cancel()
     finally:
@@ -159,22 +180,21 @@ async def _mount_overlay(lower: list[str], mountpoint: Path) -> None:
         await trio.run_process(["mount", "-o", "remount,bind,ro", str(mountpoint)], check=False)
 
 
-async def _until_unmounted_or_signalled(mountpoint: Path) -> None:
-    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-        async with trio.open_nursery() as nursery:
+async def _until_unmounted_or_signalled(mountpoint: Path, signals: AsyncIterator[int]) -> None:
+    async with trio.open_nursery() as nursery:
 
-            async def watch_signals() -> None:
-                async for signum in signals:
-                    log.info("signal %d: unmounting", signum)
-                    nursery.cancel_scope.cancel()
-
-            async def watch_mount() -> None:
-                while _is_mountpoint(mountpoint):
-                    await trio.sleep(0.5)
+        async def watch_signals() -> None:
+            async for signum in signals:
+                log.info("signal %d: unmounting", signum)
                 nursery.cancel_scope.cancel()
 
-            nursery.start_soon(watch_signals)
-            nursery.start_soon(watch_mount)
+        async def watch_mount() -> None:
+            while _is_mountpoint(mountpoint):
+                await trio.sleep(0.5)
+            nursery.cancel_scope.cancel()
+
+        nursery.start_soon(watch_signals)
+        nursery.start_soon(watch_mount)
 
 
 def _is_mountpoint(path: Path) -> bool:
