@@ -13,58 +13,14 @@ import pytest
 from tests.harness import images as im
 from tests.harness import trees
 from tests.harness.containerd import Containerd
-from tests.harness.containers import RUNTIME_PATHS, container_tree, image_chain_ids
+from tests.harness.containers import RUNTIME_PATHS, container_tree, feature_image, image_chain_ids
 from tests.harness.registry import Registry
 
-BUSYBOX = Path("/bin/busybox").read_bytes()
 
-
-def smoke_image(variant: str = "good") -> im.Image:
-    base = im.Layer(
-        [
-            im.Dir("bin"),
-            im.File("bin/busybox", BUSYBOX, mode=0o755),
-            im.Symlink("bin/sh", "busybox"),
-            im.Hardlink("bin/find", "bin/busybox"),
-            im.Dir("etc", mode=0o755),
-            im.File("etc/motd", b"hello from lazysnap\n"),
-            im.File("etc/secret", b"s3cret\n", mode=0o600, uid=0, gid=42),
-            im.File("etc/attrs", b"x", xattrs={"user.lazysnap": b"value", "user.bin": b"\x00\x01\xff"}),
-            im.Symlink("etc/abs-link", "/etc/motd"),
-            im.Symlink("etc/dangling", "../nowhere"),
-            im.Dir("tmp", mode=0o1777),
-            im.File("usr/bin/setuid-tool", b"#!/bin/sh\n", mode=0o4755),  # no usr/ nor usr/bin/ entries
-            im.File("data/empty", b""),
-            im.File("data/big", im.pseudo_random(3 << 20, seed=1)),
-            im.File("data/zeros", im.zero_runs(5 << 20, seed=2)),
-            im.File("data/ünïcödé ✓ name", b"unicode\n", uid=1000, gid=1000),
-            im.File("data/" + "long-name-" * 12, b"a name over 100 bytes\n"),
-            im.CharDev("dev-nodes/null", 1, 3),
-            im.BlockDev("dev-nodes/loop", 7, 0),
-            im.Fifo("dev-nodes/fifo"),
-            im.Dir("old/keep"),
-            im.File("old/keep/a", b"a"),
-            im.File("old/gone", b"deleted by the next layer"),
-            im.Dir("opaque"),
-            im.File("opaque/hidden", b"hidden by an opaque marker"),
-        ]
-    )
-    changes = im.Layer(
-        [
-            im.Whiteout("old/gone"),
-            im.Whiteout("old/keep"),
-            im.Opaque("opaque"),
-            im.File("opaque/visible", b"only this"),
-            im.File("etc/motd", b"replaced\n", mode=0o640, mtime=1_600_000_000),
-            im.File("new/deep/file", b"parents implied\n"),
-        ]
-    )
-    top = im.Layer([im.File("etc/version", variant.encode())])
-    if variant == "bad":  # same description, but two things differ from what "good" promises
-        top = im.Layer(
-            [im.File("etc/version", b"good"), im.File("etc/motd", b"tampered\n"), im.File("extra", b"!")]
-        )
-    return im.Image([base, changes, top], cmd=["/bin/sh"])
+def wrong_image() -> im.Image:
+    """feature_image with one more layer: two things differ from what feature_image promises."""
+    tampered = im.Layer([im.File("etc/motd", b"tampered\n"), im.File("extra", b"!")])
+    return im.Image([*feature_image().layers, tampered], cmd=["/bin/sh"])
 
 
 @pytest.mark.parametrize(
@@ -73,7 +29,7 @@ def smoke_image(variant: str = "good") -> im.Image:
 def test_container_sees_the_built_tree(
     registry: Registry, containerd: Containerd, workdir: Path, compression: str, manifest_format: str
 ) -> None:
-    image = smoke_image()
+    image = feature_image()
     im.push_image(
         registry.url, "smoke/img", "v1", image, compression=compression, manifest_format=manifest_format
     )
@@ -103,11 +59,11 @@ def test_container_sees_the_built_tree(
 
 
 def test_comparison_catches_a_wrong_image(registry: Registry, containerd: Containerd) -> None:
-    im.push_image(registry.url, "smoke/bad", "v1", smoke_image("bad"))
+    im.push_image(registry.url, "smoke/bad", "v1", wrong_image())
     ref = f"{registry.host}/smoke/bad:v1"
     containerd.ctr("image", "pull", "--plain-http", ref)
     differences = trees.compare(
-        smoke_image("good").expected_tree(), container_tree(containerd, ref), ignore=RUNTIME_PATHS
+        feature_image().expected_tree(), container_tree(containerd, ref), ignore=RUNTIME_PATHS
     )
     assert any(d.startswith("etc/motd: content sha256") for d in differences), differences
     assert "unexpected: extra" in differences, differences
