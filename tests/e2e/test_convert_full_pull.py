@@ -13,10 +13,10 @@ import trio
 
 from fuse.registry import CredentialStore, HostsConfig, RegistryClient
 from snapshotter.convert import ConvertResult, convert_image
-from tests.e2e.test_smoke import RUNTIME_PATHS, container_tree, smoke_image
 from tests.harness import images as im
 from tests.harness import trees
 from tests.harness.containerd import Containerd
+from tests.harness.containers import RUNTIME_PATHS, container_tree, feature_image
 from tests.harness.registry import Registry
 from tests.unit.test_writer import read_toc
 
@@ -39,7 +39,7 @@ def convert(registry: Registry, src: str, dst: str | None = None, **kw) -> Conve
 def test_full_pull_of_a_converted_image_runs_the_same_tree(
     registry: Registry, containerd: Containerd, fmt: str
 ) -> None:
-    image = smoke_image()
+    image = feature_image()
     im.push_image(registry.url, "e2e/conv", "v1", image)
     result = convert(registry, "e2e/conv:v1", format=fmt, chunk_size=1 << 20, prioritize=["/bin/busybox"])
     ref = result.destination
@@ -67,7 +67,7 @@ def comparable(toc: dict) -> list[dict]:
 def test_toc_matches_ctr_remote_convert(
     registry: Registry, containerd: Containerd, flag: str, fmt: str
 ) -> None:
-    image = smoke_image()
+    image = feature_image()
     im.push_image(registry.url, "e2e/ref", "v1", image)
     src = f"{registry.host}/e2e/ref:v1"
     theirs_ref = f"{registry.host}/e2e/ref:ctr-remote"

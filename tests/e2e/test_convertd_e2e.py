@@ -1,8 +1,7 @@
 """The whole path of automatic acceleration: an image pushed to an enabled repository of the real
 registry is converted by `lazysnap convertd` on the registry's notification, pushed beside the original
-as `<tag>_accelerated`, and the real containerd pulls and runs it (a full pull with its own overlayfs
-snapshotter: lazy pulls through lazysnap are not wired to containerd yet) seeing exactly the tree of the
-original image."""
+as `<tag>_accelerated`, and the real containerd pulls it lazily through lazysnap (`ctr-remote image
+rpull`) and runs it, seeing exactly the tree of the original image."""
 
 from __future__ import annotations
 
@@ -13,10 +12,10 @@ import pytest
 
 from fuse.formats.annotations import TOC_DIGEST
 from tests.e2e.test_convert_full_pull import FORMAT_FILES
-from tests.e2e.test_smoke import RUNTIME_PATHS, container_tree, smoke_image
 from tests.harness import images as im
 from tests.harness import trees
 from tests.harness.containerd import Containerd
+from tests.harness.containers import RUNTIME_PATHS, container_tree, feature_image
 from tests.harness.convertd import Convertd, get_manifest, wait_tag
 from tests.harness.registry import Registry
 
@@ -29,11 +28,11 @@ def convertd(workdir: Path) -> Iterator[Convertd]:
 
 
 def test_pushed_image_is_accelerated_and_runs_the_same_tree(
-    convertd: Convertd, registry_factory, containerd: Containerd
+    convertd: Convertd, registry_factory, lazysnap_containerd: Containerd
 ) -> None:
     registry: Registry = registry_factory(config=convertd.registry_config())
     convertd.start()
-    image = smoke_image()  # busybox inside, every kind of entry
+    image = feature_image()  # busybox inside, every kind of entry
     digest = im.push_image(registry.url, "apps/smoke", "1.0", image)
     wait_tag(registry.url, "apps/smoke", "1.0_accelerated", 60, convertd)
 
@@ -45,6 +44,6 @@ def test_pushed_image_is_accelerated_and_runs_the_same_tree(
     assert convertd.wait_job("apps/smoke", digest)["attempts"] == 1
 
     ref = f"{registry.host}/apps/smoke:1.0_accelerated"
-    containerd.ctr("image", "pull", "--plain-http", ref)
-    tree = container_tree(containerd, ref)
+    lazysnap_containerd.ctr_remote("image", "rpull", "--plain-http", "--snapshotter", "lazysnap", ref)
+    tree = container_tree(lazysnap_containerd, ref, snapshotter="lazysnap")
     trees.assert_same(image.expected_tree(), tree, ignore=RUNTIME_PATHS + FORMAT_FILES)
