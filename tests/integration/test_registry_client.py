@@ -6,10 +6,12 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import time
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import trio
 
 from fuse.registry import (
     CredentialStore,
@@ -244,6 +246,12 @@ async def test_pull_through_mirror(registry_factory: Callable[..., Registry], wo
         assert not [r for r in origin.requests() if layer in r.path and r.method == "GET"]
         assert [r.path for r in mirror.requests() if "ns=" in r.path], "mirror requests carry ?ns="
 
+        # the pull-through cache stores what it proxied in the background: wait until it has the blob
+        stored = mirror.workdir / "storage/docker/registry/v2/blobs/sha256" / layer[7:9] / layer[7:] / "data"
+        deadline = time.monotonic() + 20
+        while not (stored.exists() and stored.stat().st_size == len(blob)) and time.monotonic() < deadline:
+            await trio.sleep(0.1)
+        assert stored.exists(), "the mirror did not store the blob it proxied"
         origin.stop()  # cached content keeps being served by the mirror, by digest
         assert await client.read_range(resolved.reference, layer, 10, 20) == blob[10:30]
         again = await client.resolve(resolved.reference)
