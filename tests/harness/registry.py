@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
@@ -103,6 +104,20 @@ class Registry:
     # --- what the registry answered -------------------------------------------------------------
 
     def access_log(self) -> list[AccessEntry]:
+        """What the registry answered. It logs a request just after its response, so with the recorder
+        this waits (up to 5 s) until every request the recorder relayed has its line."""
+        deadline = time.monotonic() + 5
+        while True:
+            entries = self._read_access_log()
+            if (
+                not self.recorder
+                or len(entries) >= len(self.recorder.requests)
+                or time.monotonic() > deadline
+            ):
+                return entries
+            time.sleep(0.02)
+
+    def _read_access_log(self) -> list[AccessEntry]:
         entries = []
         for line in self.service.log_path.read_text(errors="replace").splitlines():
             if m := _ACCESS.match(line):
