@@ -40,7 +40,7 @@ from fuse.formats.writer import WriteOptions
 from fuse.registry import CredentialStore, HostsConfig, Reference, RegistryClient
 from snapshotter.convert import _convert_file, convert_image
 from tests.harness.containerd import Containerd
-from tests.harness.registry import Registry
+from tests.harness.registry import Registry, anonymous_client
 
 PYTHON_DIRS = [
     "/usr/lib/python3.11",
@@ -80,9 +80,7 @@ def build_layer(dirs: list[str], limit: int, out: Path) -> tuple[int, str]:
 
 
 async def push_image(ref: Reference, layers: list[tuple[Path, int, str]]) -> None:
-    async with RegistryClient(
-        hosts=HostsConfig(None), credentials=CredentialStore(Path("/nonexistent"))
-    ) as c:
+    async with anonymous_client() as c:
         descs = []
         for path, _, _ in layers:
             digest = await c.upload_blob_file(ref, path)

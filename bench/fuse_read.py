@@ -30,11 +30,10 @@ from pathlib import Path
 
 import trio
 
-from fuse.registry import CredentialStore, HostsConfig, RegistryClient
 from snapshotter.convert import convert_image
 from tests.harness import images as im
 from tests.harness.mount import LazysnapMount
-from tests.harness.registry import Registry
+from tests.harness.registry import Registry, anonymous_client
 
 BIG = 256 << 20
 READ = 1 << 20
@@ -93,7 +92,7 @@ def many_layers_image() -> im.Image:
 
 async def push_and_convert(reg: Registry, repo: str, image: im.Image) -> str:
     await im.push_image_async(reg.url, repo, "v1", image)
-    client = RegistryClient(hosts=HostsConfig(None), credentials=CredentialStore(Path("/nonexistent")))
+    client = anonymous_client()
     async with client:
         result = await convert_image(client, f"{reg.host}/{repo}:v1")
     return result.destination

@@ -23,9 +23,9 @@ from pathlib import Path
 
 import trio
 
-from fuse.registry import CredentialStore, HostsConfig, Reference, RegistryClient
+from fuse.registry import Reference
 from tests.harness.images import pseudo_random
-from tests.harness.registry import Registry
+from tests.harness.registry import Registry, anonymous_client
 
 BLOB_SIZE = 64 << 20
 SIZES = [4 << 10, 64 << 10, 1 << 20, 4 << 20]
@@ -39,9 +39,7 @@ def plan(size: int, count: int, seed: int) -> list[int]:
 
 async def lazysnap_reads(ref: Reference, digest: str, offsets: list[int], size: int, readers: int):
     latencies: list[float] = []
-    async with RegistryClient(
-        hosts=HostsConfig(None), credentials=CredentialStore(Path("/nonexistent"))
-    ) as c:
+    async with anonymous_client() as c:
         await c.read_range(ref, digest, 0, 1)  # connection set up, as curl's first transfer does too
 
         async def reader(share: list[int]) -> None:
@@ -113,7 +111,7 @@ def main() -> None:
             ref = Reference.parse(f"{reg.host}/bench/blob:x")
 
             async def push() -> str:
-                async with RegistryClient(credentials=CredentialStore(Path("/nonexistent"))) as c:
+                async with anonymous_client() as c:
                     return await c.push_blob(ref, pseudo_random(BLOB_SIZE, seed=1))
 
             digest = trio.run(push)

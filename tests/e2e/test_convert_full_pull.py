@@ -17,7 +17,7 @@ from tests.harness import images as im
 from tests.harness import trees
 from tests.harness.containerd import Containerd
 from tests.harness.containers import RUNTIME_PATHS, container_tree, feature_image
-from tests.harness.registry import Registry
+from tests.harness.registry import Registry, anonymous_client
 from tests.unit.test_writer import read_toc
 
 # What the formats add to a layer's tar, visible after a full pull: the landmarks, eStargz's TOC entry.
@@ -26,7 +26,7 @@ FORMAT_FILES = [".no.prefetch.landmark", ".prefetch.landmark", "stargz.index.jso
 
 def convert(registry: Registry, src: str, dst: str | None = None, **kw) -> ConvertResult:
     async def go() -> ConvertResult:
-        client = RegistryClient(hosts=HostsConfig(None), credentials=CredentialStore(Path("/nonexistent")))
+        client = anonymous_client()
         async with client:
             return await convert_image(
                 client, f"{registry.host}/{src}", dst and f"{registry.host}/{dst}", **kw

@@ -10,7 +10,6 @@ import pytest
 
 from fuse.formats import ESTARGZ, ESTARGZ_ZSTD, ZSTD_CHUNKED, RegistrySource, open_layer
 from fuse.formats.annotations import expected_toc_digest
-from fuse.registry import CredentialStore, HostsConfig, RegistryClient
 from tests.harness import images as im
 from tests.harness import trees
 from tests.harness.accelerate import (
@@ -21,7 +20,7 @@ from tests.harness.accelerate import (
 )
 from tests.harness.containerd import Containerd
 from tests.harness.layers import tree_of
-from tests.harness.registry import Registry
+from tests.harness.registry import Registry, anonymous_client
 
 
 @pytest.fixture
@@ -37,7 +36,7 @@ async def check_layers(
     registry: Registry, ref: str, image: im.Image, fmt: str | tuple[str, ...], workdir: Path
 ) -> list:
     """Open every layer of `ref` lazily and compare it with the source layer; returns the layers."""
-    client = RegistryClient(hosts=HostsConfig(None), credentials=CredentialStore(workdir / "none.json"))
+    client = anonymous_client()
     opened = []
     async with client:
         resolved = await client.resolve(ref)

@@ -28,13 +28,13 @@ import tarfile
 from collections.abc import Mapping, Sequence
 from dataclasses import KW_ONLY, dataclass, field
 from functools import cached_property
-from pathlib import Path
 
 import trio
 import zstandard
 
-from fuse.registry import CredentialStore, HostsConfig, Options, Reference, RegistryClient
+from fuse.registry import Reference, RegistryClient
 from tests.harness import trees
+from tests.harness.registry import anonymous_client
 
 DEFAULT_MTIME = 1_700_000_000  # 2023-11-14T22:13:20Z
 DEFAULT_ENV = ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"]
@@ -433,12 +433,7 @@ def _check_options(compression: str, manifest_format: str) -> None:
 
 
 def _client(chunked_upload: bool) -> RegistryClient:
-    """lazysnap's own registry client, with no credentials (test registries are plain HTTP on loopback)."""
-    return RegistryClient(
-        hosts=HostsConfig(None),
-        credentials=CredentialStore(Path("/nonexistent/config.json")),
-        options=Options(upload_chunk=UPLOAD_CHUNK if chunked_upload else 0),
-    )
+    return anonymous_client(upload_chunk=UPLOAD_CHUNK if chunked_upload else 0)
 
 
 def _reference(base_url: str, repo: str, tag: str | None) -> Reference:

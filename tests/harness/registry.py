@@ -19,6 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from fuse.registry import CredentialStore, HostsConfig, Options, RegistryClient
+
 from .httprecorder import HttpRecorder, RecordedRequest
 from .procs import Service, free_port, port_open
 
@@ -158,3 +160,13 @@ def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     for k, v in extra.items():
         out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
     return out
+
+
+def anonymous_client(**options: Any) -> RegistryClient:
+    """lazysnap's registry client with no credentials and no hosts configuration (test registries are
+    plain HTTP on loopback); `options` are `fuse.registry.Options` fields."""
+    return RegistryClient(
+        hosts=HostsConfig(None),
+        credentials=CredentialStore(Path("/nonexistent/config.json")),
+        options=Options(**options),
+    )

@@ -15,12 +15,12 @@ from pathlib import Path
 
 import pytest
 
-from fuse.registry import CredentialStore, HostsConfig, Reference, RegistryClient
+from fuse.registry import Reference, RegistryClient
 from snapshotter import convert
 from snapshotter.convert import ConvertError, convert_image
 from tests.harness import images as im
 from tests.harness.auth import htpasswd_config
-from tests.harness.registry import Registry
+from tests.harness.registry import Registry, anonymous_client
 from tests.unit.test_writer import read_toc
 
 GZIP, ZSTD = "application/vnd.oci.image.layer.v1.tar+gzip", "application/vnd.oci.image.layer.v1.tar+zstd"
@@ -46,7 +46,7 @@ def image(tag: str = "a") -> im.Image:
 
 
 def client() -> RegistryClient:
-    return RegistryClient(hosts=HostsConfig(None), credentials=CredentialStore(Path("/nonexistent")))
+    return anonymous_client()
 
 
 def decompress(blob: bytes, media_type: str) -> bytes:

@@ -28,7 +28,7 @@ from tests.harness.convertd import (
     wait_tag,
 )
 from tests.harness.procs import free_port
-from tests.harness.registry import Registry
+from tests.harness.registry import Registry, anonymous_client
 
 GZIP = "application/vnd.oci.image.layer.v1.tar+gzip"
 ZSTD = "application/vnd.oci.image.layer.v1.tar+zstd"
@@ -68,7 +68,7 @@ def convertd_factory(workdir: Path) -> Iterator[Callable[..., Convertd]]:
 
 def push_manifest(registry: Registry, repository: str, tag: str, body: bytes, media_type: str) -> str:
     async def go() -> str:
-        client = RegistryClient(hosts=HostsConfig(None), credentials=CredentialStore(Path("/nonexistent")))
+        client = anonymous_client()
         async with client:
             return await client.push_manifest(
                 Reference.parse(f"{registry.host}/{repository}:{tag}"), body, media_type
@@ -305,7 +305,7 @@ def test_deleted_manifests_artifacts_and_odd_events_are_handled(
 
 
 async def _push_artifact(registry: Registry, config: bytes, blob: bytes) -> str:
-    client = RegistryClient(hosts=HostsConfig(None), credentials=CredentialStore(Path("/nonexistent")))
+    client = anonymous_client()
     async with client:
         ref = Reference.parse(f"{registry.host}/team/art:v1")
         config_digest = await client.push_blob(ref, config)

@@ -11,10 +11,7 @@ import pytest
 import trio
 
 from fuse.registry import (
-    CredentialStore,
     DigestMismatch,
-    HostsConfig,
-    Options,
     ProtocolViolation,
     Reference,
     RegistryClient,
@@ -22,6 +19,7 @@ from fuse.registry import (
 )
 from tests.harness.badregistry import BadRegistry, Faults
 from tests.harness.images import pseudo_random
+from tests.harness.registry import anonymous_client
 
 DATA = pseudo_random(1 << 20, seed=3)
 SPANS = [(0, 100), (5000, 200), (len(DATA) - 10, 10)]
@@ -44,9 +42,7 @@ def bad_registry() -> Iterator[Callable[..., BadRegistry]]:
 
 def client(workdir: Path, **options) -> RegistryClient:
     opts = {"backoff_base": 0.01, "backoff_max": 0.1, "deadline": 20.0} | options
-    return RegistryClient(
-        hosts=HostsConfig(None), credentials=CredentialStore(workdir / "none.json"), options=Options(**opts)
-    )
+    return anonymous_client(**opts)
 
 
 def blob_gets(reg: BadRegistry) -> list[tuple]:
