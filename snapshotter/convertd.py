@@ -15,12 +15,14 @@ re-tagged. Failed attempts are retried with exponential backoff, then stay visib
 reason, in ``/jobs``. Anything that cannot be converted (artifacts, blobs, deleted manifests, other
 actions) is answered 200 so the registry does not re-send it forever.
 
-HTTP (a small server on trio and h11; bounded header and body sizes, timeouts, a connection limit):
+HTTP (hypercorn on trio behind a per-peer connection gate; bounded head and body sizes, timeouts: see
+``convertd_http``). It listens on loopback unless ``listen`` says otherwise:
 
     POST /events    the registry's notifications; 401 without the shared secret (when configured)
-    GET  /healthz   200 "ok" when the queue database answers
-    GET  /metrics   Prometheus text format
-    GET  /jobs      JSON: recent jobs with state, reason, attempts (?state=failed&limit=N)
+    GET  /jobs      JSON: recent jobs with state, reason, attempts (?state=failed&limit=N); it names
+                    images and repositories, so it takes the same secret as /events (when configured)
+    GET  /healthz   200 "ok" when the queue database answers (no secret)
+    GET  /metrics   Prometheus text format: counts only, no image names (no secret)
 
 Configuration (TOML, ``--config FILE``); every key is optional::
 
@@ -187,14 +189,18 @@ class Convertd:
         # constant-time; the header's raw bytes (decoded as latin-1 on the way in) against UTF-8
         return hmac.compare_digest(value.encode("latin-1", "replace"), secret.encode())
 
+    def refused(self, req: Request) -> Response:
+        """401 for a request without the shared secret."""
+        log.warning(
+            "request refused: wrong or missing secret",
+            extra={"fields": {"path": req.path, "header": self.config.secret_header}},
+        )
+        challenge = [("WWW-Authenticate", 'Bearer realm="lazysnap-convertd"')]
+        return error_response(401, "wrong or missing secret", challenge)
+
     async def events(self, req: Request) -> Response:
         if not self.authorized(req):
-            log.warning(
-                "events refused: wrong or missing secret",
-                extra={"fields": {"header": self.config.secret_header}},
-            )
-            challenge = [("WWW-Authenticate", 'Bearer realm="lazysnap-convertd"')]
-            return error_response(401, "wrong or missing secret", challenge)
+            return self.refused(req)
         content_type = req.headers.get("content-type", "").split(";")[0].strip().lower()
         if content_type and "json" not in content_type and content_type != "text/plain":
             return error_response(
@@ -202,6 +208,9 @@ class Convertd:
             )
         try:
             envelope = json.loads(req.body)
+        except RecursionError:
+            log.warning("malformed envelope: nested too deeply")
+            return error_response(400, "the body is not a notification envelope: JSON nested too deeply")
         except (ValueError, UnicodeDecodeError) as e:
             log.warning("malformed envelope", extra={"fields": {"error": str(e)[:200]}})
             return error_response(400, f"the body is not JSON: {e}")
@@ -251,6 +260,8 @@ class Convertd:
         )
 
     async def jobs(self, req: Request) -> Response:
+        if not self.authorized(req):
+            return self.refused(req)
         state = (req.query.get("state") or [None])[0]
         if state is not None and state not in STATES:
             return error_response(400, f"state must be one of {', '.join(STATES)}")
@@ -584,7 +595,8 @@ async def serve(config: Config) -> int:
                 )
                 if not config.secret:
                     log.warning(
-                        "no secret configured: anyone who can reach the listen address can queue jobs"
+                        "no secret configured: anyone who can reach the listen address can queue jobs "
+                        "and read /jobs"
                     )
                 if not config.repositories:
                     log.warning("no [[repositories]] configured: every event will be ignored")

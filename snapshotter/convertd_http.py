@@ -1,6 +1,20 @@
-"""A small, generic HTTP/1.1 server on trio and h11, as convertd uses it: keep-alive, requests read whole
-before the handler runs, bounded header and body sizes, timeouts for the head, the body, idle connections
-and sending, a connection limit, and JSON responses and errors. It knows nothing of convertd's routes.
+"""convertd's HTTP listener: hypercorn (HTTP/1.1, and HTTP/2 for clients that speak it) on trio, behind
+a per-peer connection gate, handing whole, bounded requests to a handler. It knows nothing of convertd's
+routes.
+
+- The gate (`ConnectionGate`) admits at most `max_per_peer` connections per peer address and
+  `max_connections` in all. A connection over either limit does not wait or get refused while any other
+  can go: the open connection (of the same peer, or of any peer) that has gone longest without sending a
+  request, and has none in progress, is closed to make room. A flood of idle or trickling sockets thus
+  costs its sender its own oldest sockets, never a request in progress nor a client that sends its
+  request when it connects (as a registry posting a notification does).
+- Every connection must deliver a complete request head within `head_timeout` of connecting or of its
+  previous response (hypercorn's keep-alive timer, which only a complete head stops), else it is closed:
+  a slowloris trickling a header byte a second lasts that long and no longer.
+- The head may be at most `max_header` bytes however it arrives (h11 checks only heads that arrive in
+  pieces; the adapter checks complete ones): 431. The body at most `max_body` (413, unread when
+  Content-Length says so), within `body_timeout` (408). Sending a response may take `send_timeout`.
+- Handler errors are answered 500 and logged; the connection lives on.
 """
 
 from __future__ import annotations
@@ -9,12 +23,15 @@ import json
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from http import HTTPStatus
 from typing import Any
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs
 
-import h11
 import trio
+from hypercorn.config import Config as HypercornConfig
+from hypercorn.trio.tcp_server import TCPServer
+from hypercorn.trio.worker_context import WorkerContext
+from hypercorn.typing import ConnectionState
+from hypercorn.utils import wrap_app
 
 log = logging.getLogger("lazysnap.convertd")
 
@@ -47,31 +64,120 @@ def error_response(status: int, message: str, headers: list[tuple[str, str]] | N
 
 @dataclass(frozen=True)
 class Limits:
-    max_header: int = 16 << 10
+    max_header: int = 16 << 10  # request line and header fields, in bytes
     max_body: int = 1 << 20
-    header_timeout: float = 10.0  # from the first byte of a request to the end of its head
-    body_timeout: float = 30.0  # from the end of the head to the end of the body
-    idle_timeout: float = 75.0  # a kept-alive connection without a new request is closed
-    send_timeout: float = 30.0
-    max_connections: int = 64
-
-
-class _Timeout(Exception):
-    def __init__(self, started: bool):
-        self.started = started
+    head_timeout: float = 10.0  # connect (or the previous response) to a complete request head
+    body_timeout: float = 30.0  # the end of the head to the end of the body
+    send_timeout: float = 30.0  # one write of a response
+    max_connections: int = 256  # open connections in all
+    max_per_peer: int = 32  # open connections of one peer address
 
 
 Handler = Callable[[Request], Awaitable[Response]]
 
 
+# --- admission ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Conn:
+    peer: str
+    stream: trio.SocketStream
+    quiet_since: float  # accepted, or its last request finished
+    requests: int = 0  # in progress
+
+
+class ConnectionGate:
+    """Which connections may stay open (see the module's docstring); keyed by (peer address, port)."""
+
+    def __init__(self, max_connections: int, max_per_peer: int):
+        self.max_connections = max_connections
+        self.max_per_peer = max_per_peer
+        self.conns: dict[tuple[str, int], _Conn] = {}
+        self.evicted = 0
+
+    def admit(self, key: tuple[str, int], stream: trio.SocketStream) -> bool:
+        """Make room for a new connection (closing idle ones) and register it; False: no room."""
+        peer = key[0]
+        if sum(c.peer == peer for c in self.conns.values()) >= self.max_per_peer:
+            if not self._evict(peer):
+                return False
+        if len(self.conns) >= self.max_connections and not self._evict(None):
+            return False
+        self.conns[key] = _Conn(peer, stream, trio.current_time())
+        return True
+
+    def _evict(self, peer: str | None) -> bool:
+        idle = [c for c in self.conns.values() if c.requests == 0 and (peer is None or c.peer == peer)]
+        if not idle:
+            return False
+        victim = min(idle, key=lambda c: c.quiet_since)
+        victim.stream.socket.close()  # its tasks see ClosedResourceError; it leaves the gate as it ends
+        self.conns = {k: c for k, c in self.conns.items() if c is not victim}
+        self.evicted += 1
+        log.debug("idle connection closed for a new one", extra={"fields": {"peer": victim.peer}})
+        return True
+
+    def leave(self, key: tuple[str, int], stream: trio.SocketStream) -> None:
+        conn = self.conns.get(key)
+        if conn is not None and conn.stream is stream:
+            del self.conns[key]
+
+    def started(self, key: tuple[str, int]) -> None:
+        if conn := self.conns.get(key):
+            conn.requests += 1
+
+    def finished(self, key: tuple[str, int]) -> None:
+        if conn := self.conns.get(key):
+            conn.requests -= 1
+            conn.quiet_since = trio.current_time()
+
+
+class _TimedStream:
+    """A socket stream whose writes give up after `timeout` (hypercorn's are shielded and unbounded): a
+    peer that does not read its response loses its connection. Like a plain SocketStream it has no
+    `do_handshake`, which is how hypercorn tells it is not TLS."""
+
+    def __init__(self, stream: trio.SocketStream, timeout: float):
+        self._stream, self._timeout = stream, timeout
+        self.socket = stream.socket
+
+    async def send_all(self, data: bytes) -> None:
+        with trio.move_on_after(self._timeout):
+            await self._stream.send_all(data)
+            return
+        self.socket.close()
+        raise trio.BrokenResourceError(f"the peer did not read a response for {self._timeout:.0f}s")
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        return await self._stream.receive_some(max_bytes)
+
+    async def send_eof(self) -> None:
+        await self._stream.send_eof()
+
+    async def aclose(self) -> None:
+        await self._stream.aclose()
+
+
+# --- the server --------------------------------------------------------------------------------------------
+
+
 class HttpServer:
-    """HTTP/1.1 with keep-alive. Each request is read whole (within the limits) before `handler` runs;
-    handler errors are answered 500 and logged, never closing the server."""
+    """Serve `handler` on listeners; see the module's docstring for the limits."""
 
     def __init__(self, handler: Handler, limits: Limits | None = None):
         self.handler = handler
         self.limits = limits or Limits()
-        self.active = 0
+        self.gate = ConnectionGate(self.limits.max_connections, self.limits.max_per_peer)
+        config = HypercornConfig()
+        config.keep_alive_timeout = self.limits.head_timeout
+        config.h11_max_incomplete_size = self.limits.max_header
+        config.include_server_header = False
+        config.accesslog = None
+        config.errorlog = logging.getLogger("lazysnap.convertd.http")
+        self._config = config
+        self._app = wrap_app(self._asgi, config.wsgi_max_body_size, "asgi")
+        self._context = WorkerContext(None)
 
     @staticmethod
     async def listen(host: str, port: int) -> list[trio.SocketListener]:
@@ -81,159 +187,88 @@ class HttpServer:
     async def serve(self, listeners: list[trio.SocketListener]) -> None:
         await trio.serve_listeners(self.handle_connection, listeners)
 
-    async def handle_connection(self, stream: trio.abc.Stream) -> None:
-        if self.active >= self.limits.max_connections:
-            with trio.move_on_after(1):
-                await _send_raw_close(stream, 503, "too many connections")
+    async def handle_connection(self, stream: trio.SocketStream) -> None:
+        try:
+            peer = stream.socket.getpeername()
+        except OSError:
             await trio.aclose_forcefully(stream)
             return
-        self.active += 1
+        key = (str(peer[0]), int(peer[1]))
+        if not self.gate.admit(key, stream):  # every connection has a request in progress
+            log.warning("connection refused: every slot is busy", extra={"fields": {"peer": key[0]}})
+            await trio.aclose_forcefully(stream)
+            return
         try:
-            conn = h11.Connection(h11.SERVER, max_incomplete_event_size=self.limits.max_header)
-            while await self._exchange(conn, stream):
-                conn.start_next_cycle()
-        except (
-            trio.BrokenResourceError,
-            trio.ClosedResourceError,
-            trio.TooSlowError,
-            h11.ProtocolError,
-            OSError,
-        ) as e:
-            log.debug("connection closed", extra={"fields": {"error": str(e) or type(e).__name__}})
+            timed = _TimedStream(stream, self.limits.send_timeout)
+            await TCPServer(self._app, self._config, self._context, ConnectionState({}), timed)  # type: ignore[arg-type]
         except Exception:  # never let one connection stop the server
             log.exception("unexpected error on an HTTP connection")
         finally:
-            self.active -= 1
+            self.gate.leave(key, stream)
             await trio.aclose_forcefully(stream)
 
-    async def _next_event(self, conn: h11.Connection, stream: trio.abc.Stream, deadline: float | None) -> Any:
-        """The next h11 event by `deadline`; None (waiting for a request head): the idle timeout until
-        its first byte, then the header timeout from that byte on (a slow sender cannot extend it)."""
-        if deadline is None and conn.trailing_data[0]:
-            deadline = trio.current_time() + self.limits.header_timeout
-        while True:
-            event = conn.next_event()
-            if event is not h11.NEED_DATA:
-                return event
-            limit = trio.current_time() + self.limits.idle_timeout if deadline is None else deadline
-            with trio.move_on_at(limit):
-                data = await stream.receive_some(65536)
-                if data and deadline is None:
-                    deadline = trio.current_time() + self.limits.header_timeout
-                conn.receive_data(data)
-                continue
-            raise _Timeout(started=deadline is not None)
+    # --- ASGI ------------------------------------------------------------------------------------------
 
-    async def _send(self, conn: h11.Connection, stream: trio.abc.Stream, *events: Any) -> None:
-        data = b"".join(conn.send(e) or b"" for e in events)
-        with trio.fail_after(self.limits.send_timeout):
-            await stream.send_all(data)
-
-    async def _respond(
-        self, conn: h11.Connection, stream: trio.abc.Stream, resp: Response, close: bool, head: bool = False
-    ) -> None:
-        headers = [
-            ("Content-Type", resp.content_type),
-            ("Content-Length", str(len(resp.body))),
-            ("Server", "lazysnap-convertd"),
-            *resp.headers,
-        ]
-        if close:
-            headers.append(("Connection", "close"))
-        events: list[Any] = [
-            h11.Response(status_code=resp.status, headers=headers, reason=_reason(resp.status))
-        ]
-        if resp.body and not head:  # a response to HEAD has the headers of GET's, and no body
-            events.append(h11.Data(data=resp.body))
-        events.append(h11.EndOfMessage())
-        await self._send(conn, stream, *events)
-
-    async def _exchange(self, conn: h11.Connection, stream: trio.abc.Stream) -> bool:
-        """Read one request, answer it; whether the connection can carry another."""
-        try:
-            event = await self._next_event(conn, stream, None)
-        except _Timeout as t:
-            if t.started:
-                await self._error(conn, stream, 408, "the request head did not arrive in time")
-            return False
-        except h11.RemoteProtocolError as e:
-            await self._error(conn, stream, e.error_status_hint, f"bad request: {e}")
-            return False
-        if isinstance(event, h11.ConnectionClosed):
-            return False
-        if not isinstance(event, h11.Request):
-            return False
-        method = event.method.decode("ascii", "replace")
-        target = event.target.decode("ascii", "replace")
-        headers: dict[str, str] = {}
-        for name, value in event.headers:
-            key = name.decode("ascii", "replace").lower()
-            text = value.decode("latin-1")
-            headers[key] = f"{headers[key]}, {text}" if key in headers else text
-        length = headers.get("content-length")
-        if length is not None and length.isdigit() and int(length) > self.limits.max_body:
-            await self._error(conn, stream, 413, f"the body is over {self.limits.max_body} bytes")
-            return False
-        if conn.they_are_waiting_for_100_continue:
-            await self._send(conn, stream, h11.InformationalResponse(status_code=100, headers=[]))
-        body = bytearray()
-        deadline = trio.current_time() + self.limits.body_timeout
-        try:
-            while True:
-                event = await self._next_event(conn, stream, deadline)
-                if isinstance(event, h11.Data):
-                    body += event.data
-                    if len(body) > self.limits.max_body:
-                        await self._error(conn, stream, 413, f"the body is over {self.limits.max_body} bytes")
-                        return False
-                elif isinstance(event, h11.EndOfMessage):
-                    break
-                else:  # the peer closed mid-body
-                    return False
-        except _Timeout:
-            await self._error(conn, stream, 408, "the request body did not arrive in time")
-            return False
-        except h11.RemoteProtocolError as e:
-            await self._error(conn, stream, e.error_status_hint, f"bad request: {e}")
-            return False
-        split = urlsplit(target)
-        request = Request(method, split.path or "/", parse_qs(split.query), headers, bytes(body))
-        try:
-            response = await self.handler(request)
-        except Exception:
-            log.exception(
-                "error answering a request", extra={"fields": {"method": method, "path": split.path}}
-            )
-            response = error_response(500, "internal error (see convertd's log)")
-        await self._respond(conn, stream, response, close=False, head=method == "HEAD")
-        return conn.our_state is h11.DONE and conn.their_state is h11.DONE
-
-    async def _error(self, conn: h11.Connection, stream: trio.abc.Stream, status: int, message: str) -> None:
-        """Answer an error and close, when a response can still be sent on this connection."""
-        if conn.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
+    async def _asgi(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http":  # lifespan is not run; websockets are refused
             return
+        client = scope.get("client") or ("", 0)
+        key = (str(client[0]), int(client[1]))
+        self.gate.started(key)
         try:
-            if conn.our_state is h11.IDLE:  # no complete request head: h11 cannot frame a response
-                await _send_raw_close(stream, status, message)
-            else:
-                await self._respond(conn, stream, error_response(status, message), close=True)
-        except (trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError, h11.ProtocolError):
-            pass
+            response, close = await self._answer(scope, receive)
+            if response is not None:
+                await self._send(scope, send, response, close)
+        finally:
+            self.gate.finished(key)
 
+    async def _answer(self, scope: dict, receive: Callable) -> tuple[Response | None, bool]:
+        """The response to one request (None: the peer went away) and whether to close afterwards."""
+        method = scope["method"]
+        raw_headers = scope["headers"]
+        target = len(scope.get("raw_path") or b"") + len(scope.get("query_string") or b"")
+        head_size = len(method) + target + sum(len(n) + len(v) + 4 for n, v in raw_headers)
+        if head_size > self.limits.max_header:
+            return error_response(431, f"the request head is over {self.limits.max_header} bytes"), True
+        headers: dict[str, str] = {}
+        for name, value in raw_headers:
+            k = name.decode("latin-1").lower()
+            text = value.decode("latin-1")
+            headers[k] = f"{headers[k]}, {text}" if k in headers else text
+        length = headers.get("content-length", "")
+        if length.isdigit() and int(length) > self.limits.max_body:
+            return error_response(413, f"the body is over {self.limits.max_body} bytes"), True
+        body = bytearray()
+        with trio.move_on_after(self.limits.body_timeout) as timer:
+            while True:
+                message = await receive()
+                if message["type"] == "http.disconnect":
+                    return None, True
+                body += message.get("body", b"")
+                if len(body) > self.limits.max_body:
+                    return error_response(413, f"the body is over {self.limits.max_body} bytes"), True
+                if not message.get("more_body"):
+                    break
+        if timer.cancelled_caught:
+            return error_response(408, "the request body did not arrive in time"), True
+        path = scope["path"] or "/"
+        query = parse_qs(scope["query_string"].decode("latin-1"))
+        try:
+            return await self.handler(Request(method, path, query, headers, bytes(body))), False
+        except Exception:
+            log.exception("error answering a request", extra={"fields": {"method": method, "path": path}})
+            return error_response(500, "internal error (see convertd's log)"), False
 
-def _reason(status: int) -> bytes:
-    try:
-        return HTTPStatus(status).phrase.encode()
-    except ValueError:
-        return b""
-
-
-async def _send_raw_close(stream: trio.abc.Stream, status: int, message: str) -> None:
-    """A whole response written by hand, for errors before h11 has a request to answer."""
-    body = json.dumps({"error": message}).encode() + b"\n"
-    head = (
-        f"HTTP/1.1 {status} {_reason(status).decode()}\r\nContent-Type: application/json\r\n"
-        f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
-    )
-    with trio.move_on_after(5):
-        await stream.send_all(head.encode() + body)
+    async def _send(self, scope: dict, send: Callable, resp: Response, close: bool) -> None:
+        headers = [
+            (b"content-type", resp.content_type.encode("latin-1")),
+            (b"content-length", str(len(resp.body)).encode()),
+            (b"server", b"lazysnap-convertd"),
+            *((k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in resp.headers),
+        ]
+        if close and scope.get("http_version") in ("1.0", "1.1"):  # HTTP/2 has no Connection header
+            headers.append((b"connection", b"close"))
+        await send({"type": "http.response.start", "status": resp.status, "headers": headers})
+        # a response to HEAD has the headers of GET's, and no body
+        body = b"" if scope["method"] == "HEAD" else resp.body
+        await send({"type": "http.response.body", "body": body, "more_body": False})

@@ -10,6 +10,7 @@ refresh-token POST. Tokens and passwords never appear in errors or logs.
 from __future__ import annotations
 
 import base64
+import json
 import re
 import time
 from dataclasses import dataclass
@@ -17,14 +18,16 @@ from typing import TYPE_CHECKING
 
 import httpx
 
+from .bodies import read_capped
 from .credentials import CredentialStore
-from .errors import Unauthorized
+from .errors import ProtocolViolation, Unauthorized
 
 if TYPE_CHECKING:
     from .hosts import Endpoint
 
 EXPIRY_MARGIN = 10.0  # seconds: renew a token this long before it expires
 DEFAULT_TOKEN_LIFETIME = 60.0  # the distribution spec's default for a missing expires_in
+MAX_TOKEN_RESPONSE = 256 << 10  # a token answer is a small JSON object; a bigger one is refused unread
 _PARAM = re.compile(r'\s*([a-zA-Z0-9_.-]+)\s*=\s*("(?:[^"\\]|\\.)*"|[^\s,]*)\s*(,|$)')
 
 
@@ -62,6 +65,10 @@ def parse_challenges(header: str) -> list[Challenge]:
     return out
 
 
+def _basic(username: str, secret: str) -> str:
+    return "Basic " + base64.b64encode(f"{username}:{secret}".encode()).decode()
+
+
 def scope_for(repository: str, actions: str) -> str:
     return f"repository:{repository}:{actions}"
 
@@ -82,8 +89,7 @@ class Authorizer:
             creds = await self.credentials.lookup(endpoint.registry)
             if creds is None:
                 return {}
-            raw = f"{creds.username}:{creds.secret}".encode()
-            return {"Authorization": "Basic " + base64.b64encode(raw).decode()}
+            return {"Authorization": _basic(creds.username, creds.secret)}
         key = (endpoint.host, " ".join(scopes))
         cached = self._tokens.get(key)
         if cached and cached[1] > time.monotonic():
@@ -128,33 +134,40 @@ class Authorizer:
         service = challenge.params.get("service", "")
         creds = await self.credentials.lookup(endpoint.registry)
         self.token_fetches += 1
+        if creds and creds.identity_token:
+            form = {
+                "grant_type": "refresh_token",
+                "refresh_token": creds.secret,
+                "service": service,
+                "scope": " ".join(scopes),
+                "client_id": "lazysnap",
+            }
+            request = client.build_request("POST", realm, data=form)
+        else:
+            params = [("service", service)] if service else []
+            params += [("scope", s) for s in scopes]
+            basic = {"Authorization": _basic(creds.username, creds.secret)} if creds else {}
+            request = client.build_request("GET", realm, params=params, headers=basic)
         try:
-            if creds and creds.identity_token:
-                form = {
-                    "grant_type": "refresh_token",
-                    "refresh_token": creds.secret,
-                    "service": service,
-                    "scope": " ".join(scopes),
-                    "client_id": "lazysnap",
-                }
-                r = await client.post(realm, data=form)
-            else:
-                params = [("service", service)] if service else []
-                params += [("scope", s) for s in scopes]
-                auth = (creds.username, creds.secret) if creds else None
-                r = await client.get(realm, params=params, auth=auth)
+            r = await client.send(request, stream=True)
+            try:
+                if r.status_code in (401, 403):
+                    who = f"user {creds.username!r}" if creds else "anonymous access"
+                    raise Unauthorized(f"{where}: token service refused {who} for {' '.join(scopes)}")
+                if r.status_code != 200:
+                    raise Unauthorized(f"{where}: token service {realm} answered HTTP {r.status_code}")
+                raw = await read_capped(r, MAX_TOKEN_RESPONSE, f"{where}: token answer of {realm}")
+            finally:
+                await r.aclose()
         except httpx.TransportError as e:
             raise Unauthorized(f"{where}: token service {realm} unreachable: {type(e).__name__}") from e
-        if r.status_code in (401, 403):
-            who = f"user {creds.username!r}" if creds else "anonymous access"
-            raise Unauthorized(f"{where}: token service refused {who} for {' '.join(scopes)}")
-        if r.status_code != 200:
-            raise Unauthorized(f"{where}: token service {realm} answered HTTP {r.status_code}")
+        except ProtocolViolation as e:
+            raise Unauthorized(str(e)) from e
         try:
-            body = r.json()
+            body = json.loads(raw)
             token = body.get("token") or body.get("access_token")
             lifetime = float(body.get("expires_in") or DEFAULT_TOKEN_LIFETIME)
-        except (ValueError, AttributeError) as e:
+        except (ValueError, AttributeError, TypeError) as e:
             raise Unauthorized(f"{where}: token service {realm} sent no JSON token") from e
         if not token or not isinstance(token, str):
             raise Unauthorized(f"{where}: token service {realm} sent no token")

@@ -34,6 +34,7 @@ import trio
 
 from . import manifests
 from .auth import Authorizer, scope_for
+from .bodies import abandon, origin, read_capped, read_window, too_much
 from .credentials import CredentialStore
 from .errors import (
     ConfigError,
@@ -47,7 +48,17 @@ from .errors import (
     Unavailable,
 )
 from .hosts import Endpoint, HostsConfig
-from .ranges import Span, boundary_of, parse_content_range, parse_multipart, range_header, slice_spans
+from .ranges import (
+    Span,
+    boundary_of,
+    multipart_cap,
+    parse_content_range,
+    parse_multipart,
+    range_header,
+    requested_bytes,
+    slice_spans,
+    uncovered,
+)
 from .reference import Reference
 
 log = logging.getLogger("lazysnap.registry")
@@ -152,7 +163,7 @@ class RegistryClient:
 
         async def handle(resp: httpx.Response) -> tuple[bytes, str, str]:
             self._expect(resp, (200,), f"manifest {ref}")
-            body = await _read_capped(resp, manifests.MAX_MANIFEST_SIZE, f"manifest {ref}")
+            body = await read_capped(resp, manifests.MAX_MANIFEST_SIZE, f"manifest {ref}")
             actual = _sha256(body)
             expected = ref.digest or resp.headers.get("docker-content-digest") or actual
             if actual != expected:
@@ -171,7 +182,7 @@ class RegistryClient:
 
         async def handle(resp: httpx.Response) -> bytes:
             self._expect(resp, (200,), f"blob {digest} of {ref.name}")
-            body = await _read_capped(resp, max_size, f"blob {digest} of {ref.name}")
+            body = await read_capped(resp, max_size, f"blob {digest} of {ref.name}")
             if _sha256(body) != digest:
                 raise DigestMismatch(f"blob {digest} of {ref.name}: content has digest {_sha256(body)}")
             return body
@@ -238,27 +249,46 @@ class RegistryClient:
     async def _take_ranges(
         self, resp: httpx.Response, spans: list[Span], ref: Reference, digest: str
     ) -> list[bytes]:
+        """The requested spans out of a response, reading no more than they add up to (plus multipart
+        framing): what the server claims in its headers bounds nothing."""
         what = f"blob {digest} of {ref.name}"
         if resp.status_code == 416:
             raise RangeNotSatisfiable(f"{what}: range {range_header(spans)} is outside the blob")
         if len(spans) > 1 and resp.status_code in (200, 400, 501):
             raise _MultiRangeRefused()
-        if resp.status_code == 200:  # the server ignores Range: read up to the last wanted byte only
-            end = max(off + n for off, n in spans)
-            body = await _read_prefix(resp, end)
-            if len(body) < end:
-                raise RangeNotSatisfiable(f"{what}: blob is {len(body)} bytes, shorter than requested")
-            return [body[off : off + n] for off, n in spans]
+        if resp.status_code == 200:  # the server ignores Range (a multi-range request went single above)
+            [(offset, length)] = spans
+            return [await read_window(resp, offset, length, what)]
         self._expect(resp, (206,), what)
+        asked = requested_bytes(spans)
         boundary = boundary_of(resp.headers.get("content-type", ""))
-        if boundary is None:
-            first, last, _total = parse_content_range(resp.headers.get("content-range"))
-            body = await _read_capped(resp, last - first + 1, what)
-            if len(body) != last - first + 1:
-                raise ProtocolViolation(f"{what}: body of {len(body)} bytes for Content-Range {first}-{last}")
-            return slice_spans(spans, [(first, body)])
-        cap = sum(n for _, n in spans) + 1024 * (len(spans) + 4)
-        return slice_spans(spans, parse_multipart(await _read_capped(resp, cap, what), boundary))
+        if boundary is not None:
+            return slice_spans(
+                spans, parse_multipart(await read_capped(resp, multipart_cap(spans), what), boundary)
+            )
+        value = resp.headers.get("content-range")
+        first, last, _total = parse_content_range(value)
+        claimed = last - first + 1
+        if claimed > asked:
+            if len(spans) > 1:  # the ranges merged into one part larger than asked: ask them one by one
+                await abandon(resp)
+                raise _MultiRangeRefused()
+            raise await too_much(
+                resp,
+                what,
+                f"answered Content-Range {value!r} ({claimed} bytes) to {range_header(spans)}",
+                asked,
+            )
+        if missing := uncovered(spans, first, last):
+            await abandon(resp)
+            raise ProtocolViolation(
+                f"{what}: the response did not contain requested bytes {missing} "
+                f"({origin(resp)} answered Content-Range {value!r})"
+            )
+        body = await read_capped(resp, claimed, what)
+        if len(body) != claimed:
+            raise ProtocolViolation(f"{what}: body of {len(body)} bytes for Content-Range {first}-{last}")
+        return slice_spans(spans, [(first, body)])
 
     async def _blob_request(
         self,
@@ -747,30 +777,6 @@ def _retry_after(value: str | None) -> float | None:
         return max(0.0, parsedate_to_datetime(value).timestamp() - time.time())
     except (TypeError, ValueError):
         return None
-
-
-async def _read_capped(resp: httpx.Response, cap: int, what: str) -> bytes:
-    buf = bytearray()
-    async for chunk in resp.aiter_raw():
-        buf += chunk
-        if len(buf) > cap:
-            raise ProtocolViolation(f"{what}: response larger than the {cap} bytes expected")
-    if (
-        (expected := resp.headers.get("content-length")) is not None
-        and expected.isdigit()
-        and int(expected) != len(buf)
-    ):
-        raise ProtocolViolation(f"{what}: body of {len(buf)} bytes, Content-Length said {expected}")
-    return bytes(buf)
-
-
-async def _read_prefix(resp: httpx.Response, n: int) -> bytes:
-    buf = bytearray()
-    async for chunk in resp.aiter_raw():
-        buf += chunk
-        if len(buf) >= n:
-            break
-    return bytes(buf[:n])
 
 
 def _file_sha256(path: Path) -> str:

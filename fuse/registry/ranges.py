@@ -12,6 +12,25 @@ from .errors import ProtocolViolation
 _CONTENT_RANGE = re.compile(r"^bytes (\d+)-(\d+)/(\d+|\*)$")
 
 Span = tuple[int, int]  # (offset, length)
+PART_OVERHEAD = 1024  # bytes a multipart/byteranges part may add to its data: delimiter and part headers
+
+
+def requested_bytes(spans: list[Span]) -> int:
+    return sum(length for _, length in spans)
+
+
+def multipart_cap(spans: list[Span]) -> int:
+    """The most bytes a multipart/byteranges answer to `spans` may take: their data plus the framing of
+    one part each (and of a preamble and the closing delimiter)."""
+    return requested_bytes(spans) + PART_OVERHEAD * (len(spans) + 4)
+
+
+def uncovered(spans: list[Span], first: int, last: int) -> str | None:
+    """The first requested span (as "a-b") outside the inclusive range first-last, or None."""
+    for off, length in spans:
+        if off < first or off + length - 1 > last:
+            return f"{off}-{off + length - 1}"
+    return None
 
 
 def range_header(spans: list[Span]) -> str:

@@ -3,9 +3,12 @@
 It serves one repository's blobs (`/v2/<repo>/blobs/<digest>`, GET and HEAD, Range and multi-range)
 and manifests from memory, and a `Faults` object decides, per request, how to misbehave: ignore Range
 (200 with the whole body), refuse multi-range (400/501), answer 503 or 429 (with Retry-After) a number
-of times, reset the connection mid-body, stall the body, send a wrong Content-Range, or redirect blob
-GETs to a "storage" URL that expires after some uses. It runs in a thread of the test process
-(`start()`/`stop()`), on a free loopback port, and counts what it was asked (`.log`).
+of times, reset the connection mid-body, stall the body, send a wrong Content-Range, redirect blob
+GETs to a "storage" URL that expires after some uses, or lie about sizes and stream far more than was
+asked (`claim_bytes`, `whole_bytes`, `token_bytes`). It runs in a thread of the
+test process (`start()`/`stop()`), on a free loopback port, and counts what it was asked (`.log`) and
+how many body bytes it managed to send (`.sent`: the kernel took them, the client may not have read
+them).
 """
 
 from __future__ import annotations
@@ -32,6 +35,10 @@ class Faults:
     wrong_content_range: bool = False  # 206 with a Content-Range shifted by one byte
     redirect: bool = False  # blob GETs answer 307 to /storage/<token>/<digest>
     redirect_uses: int = 1_000_000  # a storage token expires (403) after this many uses
+    # Size lies, each streaming filler until the client hangs up:
+    claim_bytes: int = 0  # 206 to a single range with Content-Range/Content-Length of this many bytes
+    whole_bytes: int = 0  # 200 (Range ignored) with a Content-Length of this many bytes: blob, filler
+    token_bytes: int = 0  # blob GETs want a Bearer token; /token answers this many bytes (no length)
     counters: dict[str, int] = field(default_factory=dict)
 
     def take(self, name: str, budget: int) -> bool:
@@ -48,6 +55,7 @@ class BadRegistry:
         self.blobs: dict[str, bytes] = {}
         self.manifests: dict[str, tuple[bytes, str]] = {}  # tag or digest -> (body, media type)
         self.log: list[tuple[str, str, str | None, int]] = []  # (method, path, Range, status)
+        self.sent = 0  # body bytes of the size-lying answers that the client's socket accepted
         self._tokens: dict[str, int] = {}  # storage token -> uses left
         self._lock = threading.Lock()
         owner = self
@@ -130,6 +138,8 @@ class _Handler(BaseHTTPRequestHandler):
         path = self.path.split("?")[0]
         if path == "/v2/":
             return self._reply(200, b"{}")
+        if path == "/token":
+            return self._flood(200, b'{"token": "', f.token_bytes, {"Content-Type": "application/json"})
         if path.startswith("/storage/"):
             _, _, token, digest = path.split("/", 3)
             if not reg.use_storage_token(token):
@@ -150,6 +160,9 @@ class _Handler(BaseHTTPRequestHandler):
         if f.fail_first and f.take("fail", f.fail_first):
             headers = {"Retry-After": f.retry_after} if f.retry_after else {}
             return self._reply(f.fail_status, b"try later", headers)
+        if f.token_bytes and not self.headers.get("Authorization"):
+            realm = f'Bearer realm="http://{reg.host}/token",service="bad"'
+            return self._reply(401, b"{}", {"WWW-Authenticate": realm})
         if f.redirect and self.command == "GET":
             return self._reply(307, headers={"Location": f"/storage/{reg.new_storage_token()}/{obj}"})
         return self._serve_blob(obj)
@@ -158,6 +171,17 @@ class _Handler(BaseHTTPRequestHandler):
         f = self.registry.faults
         data = self.registry.blobs[digest]
         spans = _parse_range(self.headers.get("Range"), len(data))
+        if f.whole_bytes and spans is not None and self.command == "GET":
+            return self._flood(200, data, f.whole_bytes, {"Content-Length": str(f.whole_bytes)})
+        if spans and len(spans) == 1 and self.command == "GET":
+            a, b = spans[0]
+            if f.claim_bytes:
+                last = a + f.claim_bytes - 1
+                claim = {
+                    "Content-Range": f"bytes {a}-{last}/{last + 1}",
+                    "Content-Length": str(f.claim_bytes),
+                }
+                return self._flood(206, data[a:], f.claim_bytes, claim)
         if spans is None or f.ignore_range:
             return self._send_body(200, data, {})
         if not spans:
@@ -184,6 +208,30 @@ class _Handler(BaseHTTPRequestHandler):
             206, data[a : b + 1], {"Content-Range": f"bytes {a + shift}-{b + shift}/{len(data)}"}
         )
 
+    def _flood(self, status: int, start: bytes, total: int, headers: dict[str, str]) -> None:
+        """Answer with `headers` as given (a body without Content-Length ends at the close) and stream
+        `start` then filler, `total` bytes in all, until the client goes away; count what was sent."""
+        self._record(status)
+        self.send_response(status)
+        for k, v in headers.items():
+            self.send_header(k, v)
+        self.send_header("Connection", "close")
+        self.end_headers()
+        self.close_connection = True
+        left = total
+        try:
+            self.wfile.write(start[:left])
+            self.registry.sent += min(len(start), left)
+            left -= min(len(start), left)
+            while left > 0:
+                piece = _FILLER[: min(left, len(_FILLER))]
+                self.wfile.write(piece)
+                left -= len(piece)
+                with self.registry._lock:
+                    self.registry.sent += len(piece)
+        except OSError:  # the client hung up: what a client should do
+            pass
+
     def _send_body(self, status: int, body: bytes, headers: dict[str, str]) -> None:
         f = self.registry.faults
         cut = self.command == "GET" and len(body) > 1 and f.reset_first and f.take("reset", f.reset_first)
@@ -203,6 +251,9 @@ class _Handler(BaseHTTPRequestHandler):
         self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
         self.close_connection = True
         self.connection.close()  # with SO_LINGER 0: a reset, not a clean close
+
+
+_FILLER = bytes(range(256)) * 256  # 64 KiB
 
 
 def _parse_range(header: str | None, size: int) -> list[tuple[int, int]] | None:

@@ -176,6 +176,7 @@ class Convertd:
         secret: str | None = None,
         content_type: str = EVENTS_MEDIA_TYPE,
         raw: bytes | None = None,
+        timeout: float = 10,
     ) -> tuple[int, Any]:
         """POST an envelope (or `raw` bytes) to /events with the right secret unless another is given;
         (status, decoded JSON answer)."""
@@ -184,11 +185,16 @@ class Convertd:
         if token:
             headers["Authorization"] = f"Bearer {token}"
         body = raw if raw is not None else json.dumps(envelope).encode()
-        status, _, answer = self.request("POST", "/events", body, headers)
+        status, _, answer = self.request("POST", "/events", body, headers, timeout)
         return status, json.loads(answer) if answer else None
 
+    def auth(self) -> dict[str, str]:
+        """The header carrying the shared secret (as the registry sends it), if there is one."""
+        return {"Authorization": f"Bearer {self.secret}"} if self.secret else {}
+
     def jobs(self, state: str | None = None) -> list[dict[str, Any]]:
-        status, _, body = self.request("GET", "/jobs" + (f"?state={state}" if state else "") + "")
+        query = f"?state={state}" if state else ""
+        status, _, body = self.request("GET", "/jobs" + query, headers=self.auth())
         assert status == 200, body
         return json.loads(body)["jobs"]
 

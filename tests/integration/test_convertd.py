@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import base64
 import json
+import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -406,10 +408,14 @@ def test_http_answers_and_secret(
     status, headers, _ = c.request("GET", "/events")
     assert status == 405 and headers["allow"] == "POST"
     assert c.request("DELETE", "/jobs")[0] == 405
-    status, headers, body = c.request("HEAD", "/jobs")
+    status, headers, body = c.request("HEAD", "/jobs", headers=c.auth())
     assert status == 200 and body == b"" and int(headers["content-length"]) > 0
-    assert c.request("GET", "/jobs?state=bogus")[0] == 400
-    assert c.request("GET", "/jobs?limit=0")[0] == 400
+    assert c.request("GET", "/jobs?state=bogus", headers=c.auth())[0] == 400
+    assert c.request("GET", "/jobs?limit=0", headers=c.auth())[0] == 400
+    # /jobs names images and repositories: it takes the secret too
+    status, headers, _ = c.request("GET", "/jobs")
+    assert status == 401 and headers["www-authenticate"].startswith("Bearer")
+    assert c.request("GET", "/jobs", headers={"Authorization": "Bearer wrong"})[0] == 401
     status, headers, body = c.request("GET", "/metrics")
     assert status == 200 and headers["content-type"].startswith("text/plain")
     assert c.metrics()['lazysnap_convertd_http_requests_total{code="401",path="/events"}'] == 3
@@ -439,3 +445,41 @@ def test_http_answers_and_secret(
     )
     assert run.returncode == 2
     assert f"config file {bad}, line 5: repositories[0].format: must be one of estargz" in run.stderr
+
+
+def test_a_flood_of_idle_and_trickling_sockets_does_not_lock_out_the_registry(
+    convertd_factory: Callable[..., Convertd],
+) -> None:
+    """200 sockets that send nothing and a slowloris sending a header byte a second, from the same
+    address as the registry (loopback): an authenticated notification is still answered at once."""
+    c = convertd_factory().start()
+    idle = [socket.create_connection(("127.0.0.1", c.port), timeout=5) for _ in range(200)]
+    slow = socket.create_connection(("127.0.0.1", c.port), timeout=5)
+    stop = threading.Event()
+
+    def trickle() -> None:
+        for byte in b"POST /events HTTP/1.1\r\nX-Slow: " + b"a" * 100:
+            if stop.wait(1.0):
+                return
+            try:
+                slow.send(bytes([byte]))
+            except OSError:
+                return  # cut off: what the listener should do to it
+
+    trickler = threading.Thread(target=trickle, daemon=True)
+    trickler.start()
+    try:
+        time.sleep(2.5)  # the slowloris is a couple of bytes in; the idle ones hold their sockets
+        for _ in range(3):
+            start = time.monotonic()
+            assert c.post_events({"events": []}, timeout=5) == (
+                200,
+                {"accepted": 0, "duplicates": 0, "ignored": 0, "malformed": 0},
+            )
+            assert time.monotonic() - start < 2
+        assert c.request("GET", "/healthz", timeout=5)[0] == 200
+    finally:
+        stop.set()
+        trickler.join(5)
+        for s in [*idle, slow]:
+            s.close()

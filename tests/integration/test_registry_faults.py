@@ -4,6 +4,11 @@ specified, with the right bytes or a clear error, and never a hang."""
 from __future__ import annotations
 
 import json
+import re
+import resource
+import subprocess
+import sys
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -182,3 +187,76 @@ async def test_digest_mismatches(bad_registry, workdir: Path) -> None:
             await c.resolve(ref)
         with pytest.raises(DigestMismatch, match="blob"):
             await c.get_blob(ref, lying)
+
+
+# --- size lies: a server claiming or streaming more than was asked ------------------------------------------
+
+GIB3 = 3 << 30
+CHILD_MEMORY = 1 << 30  # RLIMIT_AS of the client process: a client that believed the server dies of it
+SENT_BOUND = 64 << 20  # what socket buffers can hold on loopback, with margin; 3 GiB is what a drain sends
+_CHILD = """
+import json, sys, trio
+from fuse.registry import Reference
+from tests.harness.registry import anonymous_client
+
+async def main(host, repo, digest, offset, length):
+    async with anonymous_client() as c:  # the default deadline: failing fast must be the client's doing
+        ref = Reference.parse(f"{host}/{repo}:x")
+        try:
+            data = await c.read_range(ref, digest, int(offset), int(length))
+        except Exception as e:
+            return {"error": type(e).__name__, "message": str(e)}
+        return {"data": data.hex()}
+
+print(json.dumps(trio.run(main, *sys.argv[1:])))
+"""
+
+
+def read_in_child(reg: BadRegistry, digest: str, offset: int, length: int) -> tuple[dict, float]:
+    """read_range in a child process whose address space is capped; (its answer, seconds it took)."""
+
+    def limit() -> None:
+        resource.setrlimit(resource.RLIMIT_AS, (CHILD_MEMORY, CHILD_MEMORY))
+
+    start = time.monotonic()
+    run = subprocess.run(
+        [sys.executable, "-c", _CHILD, reg.host, reg.repo, digest, str(offset), str(length)],
+        capture_output=True,
+        text=True,
+        timeout=150,
+        preexec_fn=limit,
+        cwd=Path(__file__).parents[2],
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    return json.loads(run.stdout), time.monotonic() - start
+
+
+def test_a_content_range_claiming_gigabytes_is_refused_unread(bad_registry) -> None:
+    reg = bad_registry(claim_bytes=GIB3)
+    digest = reg.add_blob(DATA)
+    answer, seconds = read_in_child(reg, digest, 100, 100)
+    assert answer["error"] == "ProtocolViolation", answer
+    assert reg.host in answer["message"] and f"bytes 100-{100 + GIB3 - 1}/" in answer["message"]
+    assert "more than the 100 bytes asked for" in answer["message"]
+    assert seconds < 10 and reg.sent < SENT_BOUND
+
+
+def test_a_200_to_a_range_request_keeps_only_the_asked_bytes(bad_registry) -> None:
+    """A server ignoring Range: the client reads up to the last byte it wants (it has to) but keeps
+    only the wanted ones, and stops there although the server claims 3 GiB."""
+    reg = bad_registry(whole_bytes=GIB3)
+    digest = reg.add_blob(DATA)
+    offset = CHILD_MEMORY - len(DATA)  # buffering the prefix would not fit in the child
+    answer, _ = read_in_child(reg, digest, offset, 16)
+    filler = bytes((offset - len(DATA) + i) % 256 for i in range(16))
+    assert answer == {"data": filler.hex()}
+    assert reg.sent < offset + SENT_BOUND
+
+
+def test_a_token_service_streaming_gigabytes_is_refused(bad_registry) -> None:
+    reg = bad_registry(token_bytes=GIB3)
+    digest = reg.add_blob(DATA)
+    answer, seconds = read_in_child(reg, digest, 0, 5)
+    assert answer["error"] == "Unauthorized", answer
+    assert re.search(rf"{reg.host} sent over \d+ bytes, more than the 262144 bytes", answer["message"])
+    assert seconds < 10 and reg.sent < SENT_BOUND
