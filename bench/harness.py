@@ -32,6 +32,16 @@ Modes:
   listed by atime, i.e. in the order of their first read (cached in <cache-dir>/recorded/);
 - `other:NAME=CMD`: CMD (split like a shell; `{socket}`, `{root}` and `{hosts_dir}` are replaced) is a
   snapshotter serving on a socket, used as proxy plugin NAME; it pulls the eStargz image with rpull.
+  `--peer auto` adds the peer (stargz-snapshotter's containerd-stargz-grpc at ../shared/peer/run-peer
+  from the repository) as mode `stargz` when it is there, and prints a note and skips it when not.
+
+`--converters lazysnap,ctr-remote`: lazy modes (not the optimized one) run once per converter of their
+eStargz image, `lazysnap convert` (mode NAME) or `ctr-remote image convert --estargz --oci` in a scratch
+containerd (mode NAME+ctr-remote); conversions are cached in the registry by tag.
+
+Every run's results are written (JSON and Markdown) as soon as it ends, so an interrupt, a later failure
+or a failed network teardown loses nothing measured; the per-start snapshotter CPU seconds are user+sys
+of its process (/proc/PID/stat) from the pull's start until the ready line.
 
 Outputs: `<out>.json` (every run and the summary), `<out>.md` (a table: medians with min-max), and
 `<out>.png` (time to ready per image and mode, split into pull and run; needs matplotlib, the `bench`
@@ -39,6 +49,7 @@ extra).
 
     python -m bench.harness [--images a,b] [--rate 100mbit|unlimited|...] [--delay-ms N] [--repeat 3]
                             [--modes overlayfs,lazysnap,lazysnap-optimized,other:NAME=CMD]
+                            [--converters lazysnap,ctr-remote] [--peer auto|none|RUN_PEER]
                             [--cache-dir DIR] [--registry-dir DIR] [--out bench/results/startup]
 """
 
@@ -71,7 +82,7 @@ from pathlib import Path
 import trio
 
 from bench import realistic
-from bench.network import DEFAULT_RATE, ShapedRegistry, Traffic, parse_rate
+from bench.network import DEFAULT_RATE, NetworkError, ShapedRegistry, Traffic, parse_rate
 from fuse.registry import NotFound, Reference
 from snapshotter.convert import convert_image
 from tests.harness.containerd import Containerd
@@ -102,17 +113,28 @@ class NotLazyError(BenchError):
 # --- modes ----------------------------------------------------------------------------------------
 
 
+CONVERTERS = ("lazysnap", "ctr-remote")  # who makes the accelerated (eStargz) image lazy modes pull
+DEFAULT_CONVERTER = "lazysnap"
+PEER_NAME = "stargz"
+# the peer snapshotter (reference/peer: containerd-stargz-grpc), relative to the repository's root
+PEER_RUN = Path("../shared/peer/run-peer")
+PEER_ARGS = "{socket} {root} {hosts_dir}"
+
+
 @dataclass(frozen=True)
 class Mode:
-    name: str  # what tables show: overlayfs, lazysnap, lazysnap-optimized, or other's NAME
+    name: str  # what tables show: overlayfs, lazysnap, lazysnap-optimized, or other's NAME (+converter)
     kind: str  # "builtin", "lazysnap", "other"
     optimized: bool = False
     command: str = ""  # other: the command that starts the snapshotter
+    converter: str = DEFAULT_CONVERTER  # lazy modes: who converted the image they pull
 
     @property
     def plugin(self) -> str | None:
         """The proxy plugin name containerd knows the snapshotter by (None: built-in)."""
-        return None if self.kind == "builtin" else ("lazysnap" if self.kind == "lazysnap" else self.name)
+        if self.kind == "builtin":
+            return None
+        return "lazysnap" if self.kind == "lazysnap" else self.name.partition("+")[0]  # without +CONVERTER
 
     @property
     def lazy(self) -> bool:
@@ -123,7 +145,9 @@ class Mode:
         """Which image it pulls: "plain", "accelerated" or "optimized"."""
         if self.kind == "builtin":
             return "plain"
-        return "optimized" if self.optimized else "accelerated"
+        if self.optimized:
+            return "optimized"
+        return "accelerated" if self.converter == DEFAULT_CONVERTER else f"accelerated-{self.converter}"
 
 
 _MODE_START = re.compile(r",(?=\s*(?:other:|(?:overlayfs|lazysnap-optimized|lazysnap)\s*(?:,|$)))")
@@ -161,6 +185,65 @@ def parse_modes(text: str) -> list[Mode]:
     if not modes:
         raise ValueError("no modes given")
     return modes
+
+
+def parse_converters(text: str) -> list[str]:
+    """`lazysnap,ctr-remote`: who converts the images the lazy modes pull (`lazysnap convert`, or
+    `ctr-remote image convert --estargz --oci`)."""
+    out = []
+    for item in (x.strip() for x in text.split(",")):
+        if not item:
+            continue
+        if item not in CONVERTERS:
+            raise ValueError(f"unknown converter {item!r}: one of {', '.join(CONVERTERS)}")
+        if item in out:
+            raise ValueError(f"converter {item!r} given twice")
+        out.append(item)
+    if not out:
+        raise ValueError("no converters given")
+    return out
+
+
+def with_converters(modes: Sequence[Mode], converters: Sequence[str]) -> list[Mode]:
+    """Each lazy mode once per converter; a mode pulling another converter's image is named
+    `MODE+CONVERTER`. The optimized mode pulls lazysnap's prioritized conversion only, overlayfs the
+    plain image."""
+    out = []
+    for mode in modes:
+        if mode.kind == "builtin" or mode.optimized:
+            out.append(mode)
+            continue
+        for converter in converters:
+            name = mode.name if converter == DEFAULT_CONVERTER else f"{mode.name}+{converter}"
+            out.append(dataclasses.replace(mode, name=name, converter=converter))
+    return out
+
+
+def peer_mode(spec: str, repo_root: Path) -> tuple[Mode | None, str]:
+    """The peer snapshotter as an `other:` mode, and a note for the log. `spec`: "none"; "auto" (the
+    peer at <repo>/../shared/peer/run-peer when it is there, else none, with a note saying so); or the
+    path of a run-peer script, which must exist."""
+    if spec == "none":
+        return None, ""
+    path = (repo_root / PEER_RUN) if spec == "auto" else Path(spec)
+    if not path.is_file():
+        if spec == "auto":
+            return None, f"note: no peer snapshotter at {path.resolve()}: the {PEER_NAME} mode is skipped"
+        raise ValueError(f"--peer {spec}: no such file (give the peer's run-peer script, auto or none)")
+    command = f"{shlex.quote(str(path.resolve()))} {PEER_ARGS}"
+    return Mode(PEER_NAME, "other", command=command), f"peer snapshotter: {path.resolve()}"
+
+
+def _repo_root() -> Path:
+    """The repository this module is in (where `make` runs)."""
+    return Path(__file__).resolve().parents[1]
+
+
+def schedule(images: int, repeat: int, modes: Sequence[Mode]) -> list[tuple[int, int, Mode]]:
+    """The order of the runs: image by image, and within an image repeat by repeat, each repeat
+    running every mode, so drift (page cache, thermal, other load) hits all modes alike; the medians
+    are over the `repeat` runs of each mode."""
+    return [(i, r, m) for i in range(images) for r in range(repeat) for m in modes]
 
 
 # --- statistics and reports (pure) ----------------------------------------------------------------
@@ -486,6 +569,13 @@ class Node:
             out["snapshotter"] = self.snapshotter.pid
         return out
 
+    def fallback_reasons(self) -> list[str]:
+        """lazysnap's "full pull for ..." log messages: why it did not claim a layer."""
+        if self.snapshotter is None or not self.snapshotter.log_path.exists():
+            return []
+        text = self.snapshotter.log_path.read_text(errors="replace")
+        return [m[1] for m in re.finditer(r'msg="(full pull for [^"]*)"', text)]
+
     def snapshotter_log_tail(self) -> str:
         return self.snapshotter.log_tail(15) if self.snapshotter else ""
 
@@ -673,6 +763,37 @@ def convert_cached(
     return layers
 
 
+def ctr_remote_convert_cached(
+    host: str, repo: str, src_tag: str, dst_tag: str, parent: Path, log: Log
+) -> list[tuple[str, int]]:
+    """Convert repo:src_tag to eStargz with stargz-snapshotter's converter (`ctr-remote image convert
+    --estargz --oci`, in a scratch containerd that pulls the source) and push it as repo:dst_tag,
+    unless the registry already has it; its layers."""
+    found = trio.run(_manifest_layers, host, repo, dst_tag)
+    if found is not None:
+        return found
+    started = time.monotonic()
+    node = Node(Mode(BUILTIN, "builtin"), [host], log, parent)
+    src, dst = f"{host}/{repo}:{src_tag}", f"{host}/{repo}:{dst_tag}"
+    try:
+        node.start()
+        ctd = node.containerd
+        run_command(_ctr_argv(ctd, "image", "pull", "--plain-http", src), PULL_TIMEOUT, f"pulling {src}")
+        convert = ("image", "convert", "--estargz", "--oci", src, dst)
+        run_command(_ctr_argv(ctd, *convert, tool="ctr-remote"), PULL_TIMEOUT, f"ctr-remote converting {src}")
+        push = ("image", "push", "--plain-http", dst)
+        run_command(_ctr_argv(ctd, *push, tool="ctr-remote"), PULL_TIMEOUT, f"pushing {dst}")
+    finally:
+        node.close()
+    layers = trio.run(_manifest_layers, host, repo, dst_tag)
+    if layers is None:
+        raise BenchError(f"ctr-remote pushed {dst}, but the registry does not have it")
+    size = sum(s for _, s in layers)
+    took = time.monotonic() - started
+    log(f"  converted {repo}:{dst_tag} with ctr-remote ({size / 1e6:.0f} MB, {took:.0f} s)")
+    return layers
+
+
 def record_accessed(built: realistic.BuiltImage, log: Log, parent: Path | None = None) -> list[str]:
     """The files the workload reads, in the order of their first read.
 
@@ -732,6 +853,15 @@ def prepare(
             prep.tags["accelerated"] = tag
         except Exception as e:  # the mode reports it; other modes go on
             prep.errors["accelerated"] = f"converting {prep.repo}:{built.tag}: {e}"
+    if "accelerated-ctr-remote" in variants:
+        tag = f"{built.tag}_ctr-remote-estargz"
+        try:
+            prep.layers["accelerated-ctr-remote"] = ctr_remote_convert_cached(
+                host, prep.repo, built.tag, tag, tmp, log
+            )
+            prep.tags["accelerated-ctr-remote"] = tag
+        except Exception as e:
+            prep.errors["accelerated-ctr-remote"] = f"converting {prep.repo}:{built.tag} with ctr-remote: {e}"
     if "optimized" in variants:
         try:
             record = cache_dir / "recorded" / f"{built.name}-{built.tag}.txt"
@@ -839,7 +969,8 @@ def run_once(
         result.snapshotter_cpu_s, result.snapshotter_peak_rss = snapshotter
         result.ok = True
     except NotLazyError as e:
-        result.error, result.skipped = str(e), True
+        why = node.fallback_reasons()
+        result.error, result.skipped = str(e) + (f" (the snapshotter said: {why[0]})" if why else ""), True
     except Exception as e:
         tail = node.snapshotter_log_tail()
         result.error = f"{type(e).__name__}: {e}" + (f"\nsnapshotter log:\n{tail}" if tail else "")
@@ -909,7 +1040,8 @@ class Results:
             f"Time to ready, {s['repeat']} repeat(s), link {s['rate'] or 'unlimited'}{delay}; "
             f"{self.machine['cores']} cores, kernel {self.machine['kernel']}, {self.machine['date']}. "
             "Medians (min-max); registry MB = bytes the registry sent from the pull's start until the ready "
-            "line; overlayfs's snapshotter CPU/RSS are containerd's."
+            "line; snapshotter CPU s = user+sys seconds of the snapshotter process (/proc/PID/stat) from the "
+            "pull's start until the ready line, per start; overlayfs's snapshotter CPU/RSS are containerd's."
         )
 
 
@@ -923,70 +1055,74 @@ def machine_info() -> dict:
 
 
 def run_benchmark(settings: Settings, log: Log = print) -> Results:
-    """Build, push, prepare and run everything; write the outputs (unless settings.out is None)."""
+    """Build, push, prepare and run everything. Unless settings.out is None the outputs are written
+    after every run (a later failure, an interrupt or a failed teardown keeps what was measured) and
+    once more at the end."""
     mode_names = [m.name for m in settings.modes]
     log(f"images: {', '.join(settings.images)}; modes: {', '.join(mode_names)}; repeat {settings.repeat}")
     built = [realistic.build(name, settings.cache_dir, log=log) for name in settings.images]
-    runs: list[RunResult] = []
-    tmp = Path(tempfile.mkdtemp(prefix=TEMP_PREFIX, dir=settings.temp_dir))
-    registry_dir = settings.registry_dir or settings.cache_dir / "registry"
-    try:
-        with ShapedRegistry(tmp / "net", registry_dir, rate=None, delay_ms=settings.delay_ms, log=log) as net:
-            log(f"network: {net.describe()} (unshaped while preparing)")
-            prepared = []
-            for image in built:
-                log(f"preparing {image.name}")
-                prepared.append(prepare(image, net, settings.modes, settings.cache_dir, tmp, log))
-            net.shape(settings.rate)
-            log(f"link shaped: {net.qdisc() or 'no qdisc (unlimited)'}")
-            total = len(prepared) * settings.repeat * len(settings.modes)
-            n = 0
-            for prep in prepared:
-                for repeat in range(settings.repeat):
-                    for mode in settings.modes:
-                        n += 1
-                        r = run_once(
-                            prep,
-                            mode,
-                            repeat,
-                            net,
-                            drop=settings.drop_caches,
-                            log=log,
-                            parent=settings.temp_dir,
-                        )
-                        runs.append(r)
-                        log(f"[{n}/{total}] {_progress_line(r)}")
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    summary = summarize(runs, mode_names, settings.images)
     results = Results(
         settings={
             "images": settings.images,
             "modes": mode_names,
+            "converters": {m.name: m.converter for m in settings.modes if m.lazy and not m.optimized},
             "rate": settings.rate,
             "delay_ms": settings.delay_ms,
             "repeat": settings.repeat,
         },
         machine=machine_info(),
-        images={
-            b.name: {
-                "tag": b.tag,
-                "layers": len(b.layers),
-                "bytes": b.size,
-                "uncompressed_bytes": b.uncompressed_size,
-                "entries": sum(x.entries for x in b.layers),
-                "whiteouts": sum(x.whiteouts for x in b.layers),
-                "command": list(b.command),
-                "description": b.description,
-            }
-            for b in built
-        },
-        runs=runs,
-        summary=summary,
+        images={b.name: _image_info(b) for b in built},
+        runs=[],
+        summary=[],
     )
-    if settings.out is not None:
-        results.files = write_outputs(results, settings.out)
+
+    def save() -> None:
+        results.summary = summarize(results.runs, mode_names, settings.images)
+        if settings.out is not None:
+            results.files = write_outputs(results, settings.out)
+
+    tmp = Path(tempfile.mkdtemp(prefix=TEMP_PREFIX, dir=settings.temp_dir))
+    registry_dir = settings.registry_dir or settings.cache_dir / "registry"
+    net = ShapedRegistry(tmp / "net", registry_dir, rate=None, delay_ms=settings.delay_ms, log=log)
+    try:
+        net.start()
+        log(f"network: {net.describe()} (unshaped while preparing)")
+        prepared = []
+        for image in built:
+            log(f"preparing {image.name}")
+            prepared.append(prepare(image, net, settings.modes, settings.cache_dir, tmp, log))
+        net.shape(settings.rate)
+        log(f"link shaped: {net.qdisc() or 'no qdisc (unlimited)'}")
+        runs = schedule(len(prepared), settings.repeat, settings.modes)
+        for n, (i, repeat, mode) in enumerate(runs, 1):
+            r = run_once(
+                prepared[i], mode, repeat, net, drop=settings.drop_caches, log=log, parent=settings.temp_dir
+            )
+            results.runs.append(r)
+            save()  # before anything else can fail
+            log(f"[{n}/{len(runs)}] {_progress_line(r)}")
+    finally:
+        try:
+            net.close()
+        except NetworkError as e:  # what was measured is written already, and is kept
+            log(f"warning: {e}; remove what is left with `python -m bench.network cleanup`")
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    save()
     return results
+
+
+def _image_info(b: realistic.BuiltImage) -> dict:
+    return {
+        "tag": b.tag,
+        "layers": len(b.layers),
+        "bytes": b.size,
+        "uncompressed_bytes": b.uncompressed_size,
+        "entries": sum(x.entries for x in b.layers),
+        "whiteouts": sum(x.whiteouts for x in b.layers),
+        "command": list(b.command),
+        "description": b.description,
+    }
 
 
 def _progress_line(r: RunResult) -> str:
@@ -1034,6 +1170,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--delay-ms", type=float, default=0.0, help="round trip added by a proxy (ms)")
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--modes", default="overlayfs,lazysnap,lazysnap-optimized")
+    parser.add_argument(
+        "--converters",
+        default=DEFAULT_CONVERTER,
+        help=f"who converts the images lazy modes pull, of {', '.join(CONVERTERS)}: each lazy mode runs "
+        "once per converter (MODE+ctr-remote for ctr-remote's)",
+    )
+    parser.add_argument(
+        "--peer",
+        default="none",
+        help=f"add the peer snapshotter as mode {PEER_NAME!r}: 'auto' (../shared/peer/run-peer from the "
+        "repository, skipped with a note when absent), a run-peer path, or 'none'",
+    )
     parser.add_argument("--cache-dir", type=Path, default=realistic.DEFAULT_CACHE)
     parser.add_argument("--registry-dir", type=Path, help="registry storage (default <cache-dir>/registry)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="writes OUT.json, OUT.md, OUT.png")
@@ -1044,9 +1192,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         for name in images:
             if name not in realistic.RECIPES:
                 raise ValueError(f"unknown image {name!r}: one of {', '.join(realistic.RECIPES)}")
+        modes = parse_modes(args.modes)
+        peer, note = peer_mode(args.peer, _repo_root())
+        if note:
+            print(note, flush=True)
+        if peer is not None and not any(m.name == peer.name for m in modes):
+            modes.append(peer)
         settings = Settings(
             images=images,
-            modes=parse_modes(args.modes),
+            modes=with_converters(modes, parse_converters(args.converters)),
             rate=parse_rate(args.rate),
             delay_ms=args.delay_ms,
             repeat=args.repeat,

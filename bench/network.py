@@ -189,6 +189,18 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+_GONE = ("Cannot find device", "No such file or directory", "does not exist")
+
+
+def _delete(args: Sequence[str], exists) -> str | None:
+    """`ip ARGS` deleting a namespace or link; what is already gone (or goes meanwhile) is not an
+    error. Returns the error text, or None."""
+    p = _ip(*args, check=False)
+    if p.returncode == 0 or any(text in p.stderr for text in _GONE) or not exists():
+        return None
+    return f"ip {' '.join(args)}: {p.stderr.strip()}"
+
+
 def namespaces() -> list[str]:
     """Network namespaces this module names (ours and other runs')."""
     out = _ip("netns", "list", check=False).stdout
@@ -435,15 +447,13 @@ class ShapedRegistry:
                     errors.append(f"stopping {service.name} (pid {service.pid}): {e}")
         self.proxy = self.registry = None
         if self._created_netns:
-            p = _ip("netns", "del", self.netns, check=False)
-            if p.returncode != 0 and self.netns in namespaces():
-                errors.append(f"ip netns del {self.netns}: {p.stderr.strip()}")
+            if error := _delete(["netns", "del", self.netns], lambda: self.netns in namespaces()):
+                errors.append(error)
             self._created_netns = False
         if self._created_veth:
-            if self.host_if in host_veths():  # normally gone with the namespace's end of the pair
-                p = _ip("link", "del", self.host_if, check=False)
-                if p.returncode != 0:
-                    errors.append(f"ip link del {self.host_if}: {p.stderr.strip()}")
+            # normally gone with the namespace's end of the pair, which the kernel removes a little later
+            if error := _delete(["link", "del", self.host_if], lambda: self.host_if in host_veths()):
+                errors.append(error)
             self._created_veth = False
         if errors:
             raise NetworkError("cleaning up the shaped network: " + "; ".join(errors))

@@ -24,6 +24,11 @@ Each image's workload prints a line starting with `READY` and exits. Images (`RE
 hello.c), `node`, `big-app` (a Flask app beside 1.1 GB of assets it does not read at start) and `small`
 (busybox, no debootstrap, built in about a second, for tests).
 
+`python-numpy-umoci` and `small-umoci` are those images as a real tool packs them: the source image's
+layers applied one by one to a umoci bundle, each followed by `umoci repack` (`--refresh-bundle` for all
+but the last). Their layers start with umoci's root entry, carry umoci's whiteouts and header choices,
+and give the same tree as the source image.
+
 The cache (default /var/cache/lazysnap-bench) holds `base/<key>/` (the pristine tree and its layer),
 `images/<name>-<key>/` (the app layer, `image.json`) and build logs. A key is a hash of everything the
 recipe says (packages, workload files, asset sizes, command, base), so a changed recipe builds anew; a
@@ -40,6 +45,7 @@ import contextlib
 import dataclasses
 import fcntl
 import functools
+import gzip
 import hashlib
 import json
 import os
@@ -118,6 +124,11 @@ class Recipe:
     # the chroot in a private mount and PID namespace with its own proc, which no host mount table ever
     # sees and which vanishes with the namespace (nothing to unmount, even after a kill)
     needs_proc: bool = False
+    # "umoci": the image of recipe `source` (built first, by our writer) unpacked layer by layer and
+    # repacked by `umoci repack`, as an image built with umoci is: its layers start with a root entry
+    # and carry umoci's own whiteouts and header choices
+    packer: str = ""
+    source: str = ""
 
     def key(self) -> str:
         """A hash of everything that decides the image's content."""
@@ -134,6 +145,9 @@ class Recipe:
         }
         if self.needs_proc:
             doc["needs_proc"] = True
+        if self.packer:
+            doc["packer"] = self.packer
+            doc["source"] = _recipe(self.source).key()
         return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
 
 
@@ -298,6 +312,14 @@ RECIPES: dict[str, Recipe] = {
             files=(("app/main.py", NUMPY_MAIN, 0o644),),
         ),
         Recipe(
+            "python-numpy-umoci",
+            "python-numpy repacked layer by layer with umoci (root entry, umoci's whiteouts)",
+            "debootstrap",
+            ("python3", "/app/main.py"),
+            packer="umoci",
+            source="python-numpy",
+        ),
+        Recipe(
             "python-scipy",
             "python3 + numpy + scipy; imports seven scipy subpackages and uses each",
             "debootstrap",
@@ -356,6 +378,14 @@ RECIPES: dict[str, Recipe] = {
                 ("app/data/unread.bin", random.Random(3).randbytes(4 << 20), 0o644),
             ),
             removes=("etc/motd",),
+        ),
+        Recipe(
+            "small-umoci",
+            "small repacked layer by layer with umoci (for tests of the umoci packer)",
+            "busybox",
+            ("/bin/sh", "/app/run.sh"),
+            packer="umoci",
+            source="small",
         ),
     ]
 }
@@ -1078,6 +1108,14 @@ def _recipe(name: str) -> Recipe:
 def build(name: str, cache_dir: Path = DEFAULT_CACHE, *, log: Log = print) -> BuiltImage:
     """The image `name` (see RECIPES): from the cache, or built now (as root: debootstrap, chroot)."""
     recipe = _recipe(name)
+    if recipe.packer == "umoci":
+        source = build(recipe.source, cache_dir, log=log)  # before taking the lock: it takes it too
+        with _locked(cache_dir):
+            if (found := cached(name, cache_dir)) is not None:
+                return found
+            return _build_umoci(recipe, source, cache_dir, log)
+    if recipe.packer:
+        raise BuildError(f"recipe {name}: unknown packer {recipe.packer!r} (only 'umoci')")
     with _locked(cache_dir):
         if (found := cached(name, cache_dir)) is not None:
             return found
@@ -1142,6 +1180,95 @@ def build(name: str, cache_dir: Path = DEFAULT_CACHE, *, log: Log = print) -> Bu
         image.save(cache_dir)
         log(f"  {image.summary()}")
         return image
+
+
+# --- repacking with umoci ------------------------------------------------------------------------
+
+
+def _build_umoci(recipe: Recipe, source: BuiltImage, cache_dir: Path, log: Log) -> BuiltImage:
+    """`source`'s layers applied one by one to a umoci bundle, each followed by `umoci repack` (all but
+    the last with --refresh-bundle, or the next repack would replace the layer); the layers umoci wrote
+    become the image's. The command, env and workload are the source's."""
+    if not shutil.which("umoci"):
+        raise BuildError("umoci is missing: apt-get install umoci")
+    if os.geteuid() != 0:
+        raise BuildError(f"building {recipe.name} needs root (file owners in the umoci bundle)")
+    key = recipe.key()
+    directory = cache_dir / "images" / f"{recipe.name}-{key[:16]}"
+    log(f"building image {recipe.name} ({recipe.description})")
+    started = time.monotonic()
+    log_path = cache_dir / "logs" / f"{recipe.name}-{key[:16]}.log"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    work_parent = cache_dir / "tmp"
+    work_parent.mkdir(exist_ok=True)
+    staging = directory.with_name(directory.name + ".tmp")
+    if staging.exists():
+        shutil.rmtree(staging)
+    staging.mkdir(parents=True)
+    with tempfile.TemporaryDirectory(prefix=f"{recipe.name}-", dir=work_parent) as tmp:
+        layout, bundle = Path(tmp) / "layout", Path(tmp) / "bundle"
+        image = f"{layout}:img"
+        _run(["umoci", "init", "--layout", str(layout)], log_path, "umoci init")
+        _run(["umoci", "new", "--image", image], log_path, "umoci new")
+        _run(["umoci", "unpack", "--image", image, str(bundle)], log_path, "umoci unpack")
+        for i, layer in enumerate(source.layers):
+            log(f"  umoci repack of layer {i + 1}/{len(source.layers)}")
+            extract_layers([layer.path], bundle / "rootfs")
+            refresh = ["--refresh-bundle"] if i < len(source.layers) - 1 else []
+            _run(["umoci", "repack", *refresh, "--image", image, str(bundle)], log_path, "umoci repack")
+        layers = _oci_layout_layers(layout, "img", staging)
+    layers = tuple(dataclasses.replace(x, path=directory / x.path.name) for x in layers)
+    if directory.exists():
+        shutil.rmtree(directory)
+    staging.rename(directory)
+    built = dataclasses.replace(
+        source,
+        name=recipe.name,
+        key=key,
+        directory=directory,
+        layers=layers,
+        description=recipe.description,
+        build_seconds=time.monotonic() - started,
+    )
+    built.save(cache_dir)
+    log(f"  {built.summary()}")
+    return built
+
+
+def _oci_layout_layers(layout: Path, tag: str, dest: Path) -> list[LayerBlob]:
+    """The layers of `tag` in an OCI image layout, copied into `dest` as layer<N>.tar.gz and described
+    (digest and size from the manifest, diff ID from the config, entries and whiteouts counted)."""
+    index = json.loads((layout / "index.json").read_text())
+    wanted = [
+        m
+        for m in index["manifests"]
+        if m.get("annotations", {}).get("org.opencontainers.image.ref.name") == tag
+    ]
+    if len(wanted) != 1:
+        raise BuildError(f"{layout}: {len(wanted)} manifests tagged {tag!r} in index.json")
+
+    def blob(digest: str) -> Path:
+        algorithm, _, hexdigest = digest.partition(":")
+        return layout / "blobs" / algorithm / hexdigest
+
+    manifest = json.loads(blob(wanted[0]["digest"]).read_text())
+    diff_ids = json.loads(blob(manifest["config"]["digest"]).read_text())["rootfs"]["diff_ids"]
+    out = []
+    for i, (desc, diff_id) in enumerate(zip(manifest["layers"], diff_ids, strict=True)):
+        if desc["mediaType"] != OCI_LAYER_GZIP:
+            raise BuildError(f"{layout}: layer {desc['digest']} is {desc['mediaType']}, not gzip")
+        path = dest / f"layer{i}.tar.gz"
+        shutil.copyfile(blob(desc["digest"]), path)
+        entries = whiteouts = size = 0
+        with gzip.open(path, "rb") as raw:
+            while data := raw.read(_CHUNK):
+                size += len(data)
+        with tarfile.open(path, "r|gz") as tar:
+            for member in tar:
+                entries += 1
+                whiteouts += member.name.rpartition("/")[2].startswith(".wh.")
+        out.append(LayerBlob(path, desc["digest"], desc["size"], diff_id, size, entries, whiteouts))
+    return out
 
 
 # --- pushing --------------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ no namespace, veth, process, mount or temp dir (checked here and by the session 
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
 import shutil
@@ -149,3 +150,30 @@ def test_link_is_shaped_and_delayed_and_always_removed(tmp_path: Path):
     for pid in pids:
         assert not os.path.exists(f"/proc/{pid}"), f"pid {pid} still runs"
     assert not _ours()
+
+
+@pytest.mark.skipif(shutil.which("umoci") is None, reason="needs umoci (make system-deps)")
+def test_umoci_repack_keeps_the_tree_and_writes_a_root_entry(tmp_path: Path):
+    """small-umoci: the `small` image's layers repacked by umoci. Its layers start with umoci's root
+    entry (what made lazysnap refuse real layers, issue 13), the whiteout is umoci's, and applying its
+    layers gives the same tree as applying small's."""
+    from tests.harness import trees
+
+    cache = tmp_path / "cache"
+    source = realistic.build("small", cache, log=lambda _t: None)
+    repacked = realistic.build("small-umoci", cache, log=lambda _t: None)
+    assert realistic.cached("small-umoci", cache) == repacked  # found again, not rebuilt
+    assert [x.digest for x in repacked.layers] != [x.digest for x in source.layers]
+    for layer in repacked.layers:
+        with gzip.open(layer.path) as f:
+            assert f.read(100).split(b"\0", 1)[0] in (b".", b"./"), f"{layer.path}: no root entry first"
+    assert repacked.layers[1].whiteouts == 1
+    trees_of = {}
+    for image in (source, repacked):
+        root = tmp_path / image.name
+        realistic.extract_layers([x.path for x in image.layers], root)
+        trees_of[image.name] = trees.scan(root)
+    trees.assert_same(trees_of["small"], trees_of["small-umoci"])
+    config = repacked.config()
+    assert config["rootfs"]["diff_ids"] == [x.diff_id for x in repacked.layers]
+    assert config["config"]["Cmd"] == list(source.command)

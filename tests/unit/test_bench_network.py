@@ -115,3 +115,64 @@ async def test_delay_proxy_stops_by_itself():
     with trio.fail_after(10):
         # a parent that is not ours: it returns at the first check
         await net.serve_delay_proxy(("127.0.0.1", 0), ("127.0.0.1", 9), 10.0, parent=1 << 22)
+
+
+# --- teardown is idempotent (issue 13) ------------------------------------------------------------
+
+
+class _FakeIp:
+    """`ip` for close(): the namespace is gone already, and the host's veth is still listed for a
+    moment while the kernel removes it with its peer (`ip link del` then says Cannot find device)."""
+
+    def __init__(self, netns: str, veth: str):
+        self.netns, self.veth = netns, veth
+        self.calls: list[tuple[str, ...]] = []
+
+    def __call__(self, *args: str, check: bool = True):
+        import subprocess
+
+        self.calls.append(args)
+        if args[:2] == ("netns", "list"):
+            return subprocess.CompletedProcess(args, 0, "", "")
+        if args[:3] == ("-o", "link", "show"):
+            return subprocess.CompletedProcess(args, 0, f"7: {self.veth}@if6: <BROADCAST> mtu 1500\n", "")
+        if args[:2] == ("netns", "del"):
+            return subprocess.CompletedProcess(
+                args,
+                1,
+                "",
+                f'Cannot remove namespace file "/run/netns/{self.netns}": No such file or directory\n',
+            )
+        if args[:2] == ("link", "del"):
+            return subprocess.CompletedProcess(args, 1, "", f'Cannot find device "{self.veth}"\n')
+        raise AssertionError(f"unexpected ip {args}")
+
+
+def test_close_treats_what_is_already_gone_as_removed(tmp_path, monkeypatch):
+    reg = net.ShapedRegistry(tmp_path / "w", tmp_path / "s")
+    reg._created_netns = reg._created_veth = True
+    fake = _FakeIp(reg.netns, reg.host_if)
+    monkeypatch.setattr(net, "_ip", fake)
+    reg.close()  # no NetworkError: the link and the namespace are gone, as wanted
+    assert ("link", "del", reg.host_if) in fake.calls and ("netns", "del", reg.netns) in fake.calls
+    reg.close()  # and again: nothing left to do
+    assert fake.calls.count(("link", "del", reg.host_if)) == 1
+
+
+def test_close_still_reports_what_it_could_not_remove(tmp_path, monkeypatch):
+    import subprocess
+
+    reg = net.ShapedRegistry(tmp_path / "w", tmp_path / "s")
+    reg._created_veth = True
+    fake = _FakeIp(reg.netns, reg.host_if)
+
+    def busy(*args: str, check: bool = True):
+        if args[:2] == ("link", "del"):
+            return subprocess.CompletedProcess(args, 2, "", "RTNETLINK answers: Device or resource busy\n")
+        return fake(*args, check=check)
+
+    monkeypatch.setattr(net, "_ip", busy)
+    with pytest.raises(
+        net.NetworkError, match=f"ip link del {reg.host_if}: RTNETLINK answers: Device or resource busy"
+    ):
+        reg.close()

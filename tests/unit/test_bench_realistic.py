@@ -4,6 +4,7 @@ them again; the extracted result must equal the tree that was diffed."""
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import hashlib
 import io
@@ -238,3 +239,23 @@ def test_built_image_config_and_json_round_trip(tmp_path: Path):
     assert config["rootfs"]["diff_ids"] == [layer.diff_id]
     assert config["config"]["Cmd"] == ["python3", "/app/main.py"] and config["config"]["WorkingDir"] == "/app"
     assert image.tag == "f" * 16
+
+
+def test_umoci_recipes_repack_their_source(monkeypatch):
+    for name in ("python-numpy-umoci", "small-umoci"):
+        recipe = rl.RECIPES[name]
+        source = rl.RECIPES[recipe.source]
+        assert recipe.packer == "umoci" and not source.packer
+        assert recipe.command == source.command and recipe.base == source.base
+        assert recipe.key() != source.key()
+    # the key follows the source recipe: a changed source builds the repacked image anew
+    before = rl.RECIPES["small-umoci"].key()
+    monkeypatch.setitem(rl.RECIPES, "small", dataclasses.replace(rl.RECIPES["small"], removes=()))
+    assert rl.RECIPES["small-umoci"].key() != before
+
+
+def test_unknown_packer_is_refused(tmp_path: Path, monkeypatch):
+    bad = dataclasses.replace(rl.RECIPES["small-umoci"], name="bad", packer="kaniko")
+    monkeypatch.setitem(rl.RECIPES, "bad", bad)
+    with pytest.raises(rl.BuildError, match="unknown packer 'kaniko'"):
+        rl.build("bad", tmp_path)
