@@ -4,18 +4,31 @@ subdirectory per layer, and an overlayfs at MOUNTPOINT whose lower directories a
 (whiteouts and opaque directories applied by the kernel, as for a container). It stays in the
 foreground until MOUNTPOINT is unmounted or the process is interrupted, then cleans up.
 
+The view at MOUNTPOINT is mounted `ro,nosuid,nodev`: a setuid file of the image does not raise the
+privileges of whoever runs it, and a device node of the image opens nothing (an image may carry a
+0666 node with the host disk's numbers). `--allow-suid-dev` lifts both, for a trusted image only.
+
 With `--record FILE` it writes, when it exits, the files opened through the mount (one absolute path a
-line, in first-open order; the list `lazysnap convert --prioritize-from` reads)."""
+line, in first-open order; the list `lazysnap convert --prioritize-from` reads).
+
+A layer that is refused (not lazily loadable, unverified, a registry error) ends the command with one
+line on stderr and status 1. If the fetcher or the FUSE server stops unexpectedly, the FUSE connection
+is aborted (readers get an error, never a hang), everything is unmounted and the exit status is 1.
+Test hook: `LAZYSNAP_FAILPOINTS=fuse.read=error` (see `snapshotter.lazy.ServedFS`) makes a read's
+handler fail the way a bug would, which stops the FUSE server."""
 
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
 import os
 import signal
+import sys
 import tempfile
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import pyfuse3
@@ -23,13 +36,23 @@ import trio
 
 from fuse.cache import ChunkCache
 from fuse.fetch import Fetcher, FetchOptions, LayerHandle
-from fuse.formats import NotLazy, RegistrySource, open_layer
+from fuse.formats import FormatError, NotLazy, RegistrySource, Unverified, open_layer
 from fuse.formats.annotations import expected_toc_digest
-from fuse.fs import MOUNT_OPTIONS, LazyFS, raise_read_ahead
-from fuse.registry import CredentialStore, HostsConfig, Platform, Reference, RegistryClient
+from fuse.fs import MOUNT_OPTIONS, LazyFS, abort_connection, mount_device, raise_read_ahead
+from fuse.registry import CredentialStore, HostsConfig, Platform, Reference, RegistryClient, RegistryError
+
+from . import failpoints
+from .lazy import MNT_DETACH, ServedFS, innermost, umount
 
 log = logging.getLogger("lazysnap.mount")
 DEFAULT_CACHE = Path("/var/lib/lazysnap/cache")
+SAFE_VIEW = "nosuid,nodev"  # the view's options unless --allow-suid-dev
+TRUSTED_VIEW = "suid,dev"
+UNMOUNT_TIMEOUT = 10.0  # seconds a clean unmount of the view may take before it is detached instead
+
+
+class MountError(Exception):
+    """Why `lazysnap mount` cannot go on: one line on stderr (what failed and what to do), status 1."""
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -48,36 +71,118 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--record", type=Path, metavar="FILE", help="on exit, write the paths of the files opened to FILE"
     )
+    p.add_argument(
+        "--allow-suid-dev",
+        action="store_true",
+        help="honour the image's setuid/setgid files and device nodes at MOUNTPOINT (default: nosuid,nodev); "
+        "only for a trusted image: any local user who can reach MOUNTPOINT could become root through a "
+        "setuid file or open host devices through a device node the image carries",
+    )
 
 
 async def run(args: argparse.Namespace) -> int:
+    """The command: 0 after a clean unmount, 1 with one line on stderr when it cannot go on."""
+    failpoints.load_from_environment()
+    try:
+        await _run(args)
+    except KeyboardInterrupt:  # before the mount exists (the signals are ours once it does)
+        print("lazysnap mount: interrupted", file=sys.stderr, flush=True)
+        return 130
+    except BaseException as e:
+        reason = _reason(e)
+        if reason is None:
+            raise
+        print(f"lazysnap mount: {reason}", file=sys.stderr, flush=True)
+        return 1
+    return 0
+
+
+def _reason(e: BaseException) -> str | None:
+    """The one-line reason of a MountError, also when trio wrapped it in exception groups."""
+    if isinstance(e, MountError):
+        return str(e)
+    if isinstance(e, BaseExceptionGroup):
+        reasons = [_reason(inner) for inner in e.exceptions]
+        rest = [inner for inner, r in zip(e.exceptions, reasons, strict=True) if r is None]
+        if all(isinstance(inner, trio.Cancelled) for inner in rest):
+            return next((r for r in reasons if r is not None), None)
+    return None
+
+
+async def _run(args: argparse.Namespace) -> None:
     mountpoint = args.mountpoint.resolve()
     if not mountpoint.is_dir():
-        raise SystemExit(f"lazysnap mount: {mountpoint} is not a directory")
+        raise MountError(f"{mountpoint} is not a directory: create it first")
+    try:
+        ref = Reference.parse(args.image)
+        platform = Platform.parse(args.platform) if args.platform else None
+    except ValueError as e:
+        raise MountError(f"{e}") from None
     client = RegistryClient(
         hosts=HostsConfig(args.hosts_dir, plain_http=args.plain_http),
         credentials=CredentialStore(args.docker_config),
     )
     async with client:
-        ref = Reference.parse(args.image)
-        resolved = await client.resolve(ref, Platform.parse(args.platform) if args.platform else None)
-        handles = []
-        for i, desc in enumerate(resolved.layers):
-            source = RegistrySource(client, resolved.reference, desc["digest"], desc["size"])
-            try:
-                layer = await open_layer(source, expected_toc_digest(desc.get("annotations")))
-            except NotLazy as e:
-                raise SystemExit(
-                    f"lazysnap mount: layer {i} ({desc['digest']}) is not lazily loadable: {e.reason}"
-                ) from None
-            handles.append(LayerHandle(layer, desc["digest"].replace(":", "-"), f"{ref} layer {i}", ref.host))
+        handles = await _open_layers(client, ref, platform)
         cache = ChunkCache(args.cache, args.cache_limit)
-        await cache.open()
+        try:
+            await cache.open()
+        except OSError as e:
+            raise MountError(
+                f"cannot use the chunk cache {args.cache}: {e}; choose another --cache"
+            ) from None
         fetcher = Fetcher(
             cache, FetchOptions(read_timeout=args.read_timeout, background=not args.no_background)
         )
-        await serve(fetcher, handles, mountpoint, args.cache, record=args.record)
-    return 0
+        await serve(
+            fetcher,
+            handles,
+            mountpoint,
+            args.cache,
+            record=args.record,
+            allow_suid_dev=args.allow_suid_dev,
+        )
+
+
+async def _open_layers(
+    client: RegistryClient, ref: Reference, platform: Platform | None
+) -> list[LayerHandle]:
+    """Every layer of the image, opened and verified; MountError naming the layer that is refused."""
+    try:
+        resolved = await client.resolve(ref, platform)
+    except RegistryError as e:
+        raise MountError(
+            f"cannot resolve {ref}: {e}; check the reference, credentials and registry"
+        ) from None
+    handles = []
+    for i, desc in enumerate(resolved.layers):
+        what = f"{ref} layer {i} ({desc['digest']})"
+        source = RegistrySource(client, resolved.reference, desc["digest"], desc["size"])
+        try:
+            layer = await open_layer(source, expected_toc_digest(desc.get("annotations")))
+        except NotLazy as e:
+            raise MountError(
+                f"{what} is not lazily loadable: {e.reason}; mount an image converted with `lazysnap convert`"
+            ) from None
+        except Unverified as e:
+            raise MountError(
+                f"{what} is refused, its content does not match its digest: {e}; do not use this image "
+                "until it is converted and pushed again"
+            ) from None
+        except FormatError as e:
+            raise MountError(f"{what} is refused, it is malformed: {e}; convert the image again") from None
+        except RegistryError as e:
+            raise MountError(f"{what}: the registry failed: {e}; check the registry and try again") from None
+        handles.append(LayerHandle(layer, desc["digest"].replace(":", "-"), f"{ref} layer {i}", ref.host))
+    return handles
+
+
+@dataclass
+class _Serving:
+    """Whether the fetcher and the FUSE server still run; `failure` says why one stopped on its own."""
+
+    stopping: bool = False
+    failure: str | None = None
 
 
 async def serve(
@@ -87,21 +192,44 @@ async def serve(
     cache_dir: Path,
     *,
     record: Path | None = None,
+    allow_suid_dev: bool = False,
 ) -> None:
-    """Mount, serve until unmounted or signalled, clean up; then write the files opened to `record`."""
-    fs = LazyFS(fetcher, record=record is not None)
+    """Mount, serve until unmounted or signalled, clean up; then write the files opened to `record`.
+    Raises MountError when serving stopped unexpectedly (after cleaning up all the same)."""
+    fs = ServedFS(fetcher, record=record is not None)
     # beside the cache: the layers' FUSE mount is private to this process
     fuse_dir = Path(tempfile.mkdtemp(prefix=f".{cache_dir.name}.layers-", dir=cache_dir.parent))
     os.chmod(fuse_dir, 0o700)
     names = [f"{i}" for i in range(len(handles))]
     for slot, (name, handle) in enumerate(zip(names, handles, strict=True), start=1):
         fs.add_layer(name, slot, handle)
-    pyfuse3.init(fs, str(fuse_dir), list(MOUNT_OPTIONS))
+    try:
+        pyfuse3.init(fs, str(fuse_dir), list(MOUNT_OPTIONS))
+    except RuntimeError as e:
+        os.rmdir(fuse_dir)
+        raise MountError(
+            f"cannot mount FUSE at {fuse_dir}: {e}; is /dev/fuse there (modprobe fuse)?"
+        ) from None
+    device = mount_device(str(fuse_dir))
     raise_read_ahead(str(fuse_dir))
+    view_options = TRUSTED_VIEW if allow_suid_dev else SAFE_VIEW
     # Signals are ours until the very end: a second SIGTERM during the clean-up must not kill the
     # process half-way and leave the FUSE mount behind.
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as receiver:
-        await _serve_mounted(fs, fetcher, handles, names, fuse_dir, mountpoint, receiver, record)
+        state = _Serving()
+        try:
+            await _serve_mounted(
+                fs, fetcher, handles, names, fuse_dir, mountpoint, receiver, view_options, state
+            )
+        finally:
+            _tear_down(state, fuse_dir, device, mountpoint)
+            if record is not None:
+                write_record(record, [path for _layer, path in fs.recorded()])
+    if state.failure is not None:
+        raise MountError(
+            f"{state.failure}; the mount at {mountpoint} was removed and its readers got errors "
+            "(see the log above; run `lazysnap mount` again)"
+        )
 
 
 async def _serve_mounted(
@@ -112,37 +240,94 @@ async def _serve_mounted(
     fuse_dir: Path,
     mountpoint: Path,
     receiver: AsyncIterator[int],
-    record: Path | None,
+    view_options: str,
+    state: _Serving,
 ) -> None:
+    async with trio.open_nursery() as nursery:
+        scope = nursery.cancel_scope
+        await nursery.start(_essential, state, scope, "the fetcher", fetcher.run)
+        await nursery.start(_essential, state, scope, "the FUSE server", _fuse_main)
+        for handle in handles:
+            await _quietly(f"prefetch of {handle.name}", fetcher.prefetch(handle))
+        lower = [str(fuse_dir / n) for n in reversed(names)]  # top layer first
+        await _mount_view(lower, mountpoint, view_options)
+        print(f"mounted {len(handles)} layers at {mountpoint}", flush=True)
+        for handle in handles:
+            nursery.start_soon(_quietly, f"background fetch of {handle.name}", fetcher.background(handle))
+        await _until_unmounted_or_signalled(mountpoint, receiver)
+        # the view first, while the layers are still served; then FUSE's loop
+        with trio.CancelScope(shield=True):
+            await _unmount_view(mountpoint)
+        state.stopping = True
+        pyfuse3.terminate()  # pyfuse3.main returns; cancelling it is not enough
+        scope.cancel()
+
+
+async def _fuse_main(*, task_status=trio.TASK_STATUS_IGNORED) -> None:
+    task_status.started()
+    await pyfuse3.main()
+
+
+async def _essential(
+    state: _Serving,
+    scope: trio.CancelScope,
+    what: str,
+    fn: Callable[..., Awaitable[None]],
+    *,
+    task_status=trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Run a task the mount cannot do without. If it ends on its own (an error, or returning while
+    nothing is stopping), record why and stop everything: the clean-up then aborts the FUSE connection."""
     try:
-        async with trio.open_nursery() as nursery:
-            await nursery.start(fetcher.run)
-            nursery.start_soon(pyfuse3.main)
-            for handle in handles:
-                await fetcher.prefetch(handle)
-            lower = [str(fuse_dir / n) for n in reversed(names)]  # top layer first
-            await _mount_overlay(lower, mountpoint)
-            try:
-                print(f"mounted {len(handles)} layers at {mountpoint}", flush=True)
-                for handle in handles:
-                    nursery.start_soon(fetcher.background, handle)
-                await _until_unmounted_or_signalled(mountpoint, receiver)
-            finally:
-                # the overlay first, while the layers are still served; then FUSE's loop
-                with trio.CancelScope(shield=True):
-                    if _is_mountpoint(mountpoint):
-                        proc = await trio.run_process(
-                            ["umount", str(mountpoint)], check=False, capture_stderr=True
-                        )
-                        if proc.returncode:
-                            log.warning("umount %s: %s", mountpoint, proc.stderr.decode().strip())
-                pyfuse3.terminate()  # pyfuse3.main returns; cancelling it is not enough
-                nursery.cancel_scope.cancel()
-    finally:
-        pyfuse3.close(unmount=True)
+        await fn(task_status=task_status)
+    except Exception as e:
+        log.exception("%s stopped unexpectedly", what)
+        cause = innermost(e)
+        state.failure = state.failure or f"{what} stopped unexpectedly: {type(cause).__name__}: {cause}"
+    else:
+        if not state.stopping:
+            state.failure = state.failure or f"{what} stopped unexpectedly"
+    scope.cancel()
+
+
+async def _quietly(what: str, work: Awaitable[object]) -> None:
+    """Optional work (prefetch, background fetch): an error is a warning, reads fetch on demand."""
+    try:
+        await work
+    except Exception as e:
+        log.warning("%s stopped: %s: %s", what, type(e).__name__, e)
+
+
+def _tear_down(state: _Serving, fuse_dir: Path, device: str | None, mountpoint: Path) -> None:
+    """Leave nothing mounted, whatever happened. When serving failed, nobody answers the FUSE mount:
+    abort its connection first, so that readers (and the unmounts below) get an error, not a hang."""
+    failed = state.failure is not None or not state.stopping
+    if failed and device is not None and abort_connection(device):
+        log.warning("aborted the FUSE connection of %s", fuse_dir)
+    # closes /dev/fuse (which also aborts the connection: nothing else holds it) and detaches the mount
+    pyfuse3.close(unmount=True)
+    if failed and _is_mountpoint(mountpoint):
+        umount(mountpoint, MNT_DETACH)
+    if _is_mountpoint(fuse_dir):  # libfuse skips the unmount of an aborted connection
+        umount(fuse_dir, MNT_DETACH)
+    try:
         os.rmdir(fuse_dir)
-        if record is not None:
-            write_record(record, [path for _layer, path in fs.recorded()])
+    except OSError as e:
+        log.warning("cannot remove %s: %s", fuse_dir, e)
+
+
+async def _unmount_view(mountpoint: Path) -> None:
+    """Unmount the view; if it is busy or the kernel takes too long, detach it (lazy unmount)."""
+    if not _is_mountpoint(mountpoint):
+        return
+    err = errno.ETIMEDOUT
+    with trio.move_on_after(UNMOUNT_TIMEOUT):
+        err = await trio.to_thread.run_sync(umount, mountpoint, abandon_on_cancel=True)
+    if err and _is_mountpoint(mountpoint):
+        log.warning("unmount of %s: %s: detaching it", mountpoint, os.strerror(err))
+        err = umount(mountpoint, MNT_DETACH)
+        if err:
+            log.error("cannot detach %s: %s", mountpoint, os.strerror(err))
 
 
 def write_record(file: Path, paths: list[str]) -> None:
@@ -168,16 +353,24 @@ def _utf8(text: str) -> bool:
         return False
 
 
-async def _mount_overlay(lower: list[str], mountpoint: Path) -> None:
+async def _mount_view(lower: list[str], mountpoint: Path, options: str) -> None:
+    """The image's merged tree at `mountpoint`: overlayfs over the layers (top first), or a bind mount
+    of the only layer; read-only, and nosuid,nodev unless `options` lifts them."""
     if len(lower) == 1:  # overlayfs wants two lower dirs without an upper one: bind the single layer
-        argv = ["mount", "--bind", "-o", "ro", lower[0], str(mountpoint)]
+        argv = ["mount", "--bind", "-o", f"ro,{options}", lower[0], str(mountpoint)]
     else:
-        argv = ["mount", "-t", "overlay", "overlay", "-o", "ro,lowerdir=" + ":".join(lower), str(mountpoint)]
+        argv = ["mount", "-t", "overlay", "overlay", "-o", f"ro,{options},lowerdir=" + ":".join(lower)]
+        argv.append(str(mountpoint))
     proc = await trio.run_process(argv, capture_stderr=True, check=False)
     if proc.returncode != 0:
-        raise SystemExit(f"lazysnap mount: {' '.join(argv[:4])} failed: {proc.stderr.decode().strip()}")
+        raise MountError(f"{' '.join(argv[:4])} failed: {proc.stderr.decode().strip()}")
     if len(lower) == 1:
-        await trio.run_process(["mount", "-o", "remount,bind,ro", str(mountpoint)], check=False)
+        # A bind mount keeps the flags of its source until remounted; set exactly ours.
+        argv = ["mount", "-o", f"remount,bind,ro,{options}", str(mountpoint)]
+        proc = await trio.run_process(argv, capture_stderr=True, check=False)
+        if proc.returncode != 0:
+            umount(mountpoint, MNT_DETACH)
+            raise MountError(f"remounting {mountpoint} {options} failed: {proc.stderr.decode().strip()}")
 
 
 async def _until_unmounted_or_signalled(mountpoint: Path, signals: AsyncIterator[int]) -> None:

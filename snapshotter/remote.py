@@ -7,7 +7,9 @@ manifest has it, the TOC digest in `containerd.io/snapshot/stargz/toc.digest`. `
 those labels; `RemoteLayers.acquire` opens the layer (the image manifest gives the blob size and, for
 zstd:chunked, the TOC digest the labels lack), verifies its TOC, stores footer and TOC under
 `<root>/layers/<name>/` (so a restart needs no network), and shows it in the FUSE mount as
-`<root>/mnt/<name>`. Layers are reference counted by the snapshots that use them. Anything that makes a
+`<root>/mnt/<name>`. Directories a layer creates only implicitly take their attributes from the same
+directory in the layers below, resolved as overlayfs merges them and never through a symlink (see
+`_inherit`). Layers are reference counted by the snapshots that use them. Anything that makes a
 layer not lazily loadable (an ordinary layer, a TOC that does not verify, a registry that does not answer
 in time) is a `Fallback` with its reason: containerd then pulls the layer in full.
 
@@ -16,11 +18,13 @@ Runs on the daemon's trio loop; gRPC threads call it through `trio.from_thread.r
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
 import stat
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,6 +33,7 @@ import trio
 from fuse.fetch import Fetcher, LayerHandle
 from fuse.formats import FormatError, NotLazy, RegistrySource, Unverified, fetch_toc, layer_from_toc
 from fuse.formats.annotations import expected_toc_digest
+from fuse.formats.index import DIR, ROOT, LayerIndex
 from fuse.fs import LazyFS
 from fuse.registry import Reference, RegistryClient, RegistryError
 from fuse.registry import manifests as mf
@@ -111,6 +116,7 @@ class RemoteLayers:
         self.fallbacks: Counter[str] = Counter()
         self._nursery: trio.Nursery | None = None
         self._max_slot = 0
+        self.stopped: str | None = None  # why the data path stopped (LazyRuntime): no lazy pulls then
 
     def path(self, name: str) -> str:
         return str(self.mountpoint / name)
@@ -157,6 +163,11 @@ class RemoteLayers:
         the directories of the layers below, nearest first: directories this layer creates only
         implicitly take their attributes from there."""
         name = layer_name(req.digest)
+        if self.stopped is not None:
+            self.fallbacks["stopped"] += 1
+            raise Fallback(
+                "stopped", f"{req.ref} layer {req.digest}: the lazy data path stopped: {self.stopped}"
+            )
         while name in self._opening:  # another Prepare opens the same layer: share its result
             await self._opening[name].wait()
         entry = self._layers.get(name)
@@ -211,8 +222,14 @@ class RemoteLayers:
             raise Fallback("registry", f"{what}: {e}") from None
         inherited: dict[str, list[int]] = {}
         if layer.index.implicit and lower:
-            # in a worker thread: the lower layers may be in our own FUSE mount, served by this loop
-            inherited = await trio.to_thread.run_sync(_inherit, layer.index, lower)
+            # lazy layers below are read from their indexes (never through our own FUSE mount, which
+            # this loop serves); local snapshot directories below from disk, in a worker thread
+            lazy = {
+                self.path(n): e.handle.layer.index for n, e in self._layers.items() if self.path(n) in lower
+            }
+            inherited = await trio.to_thread.run_sync(
+                _inherit, layer.index, lower, lazy, str(self.mountpoint)
+            )
         slot = self._next_slot()
         await trio.to_thread.run_sync(
             self._store, name, req, desc["size"], expected, slot, footer, toc, inherited
@@ -315,28 +332,174 @@ class _Attrs:
     st_mtime_ns: int
 
 
-def _inherit(index, lower: list[str]) -> dict[str, list[int]]:
-    """Apply the lower layers' attributes to implicit directories; what was applied, by path."""
+def _inherit(
+    index: LayerIndex,
+    lower: list[str],
+    lazy: Mapping[str, LayerIndex] | None = None,
+    served: str | None = None,
+) -> dict[str, list[int]]:
+    """Apply the lower layers' attributes to implicit directories; what was applied, by path.
+
+    `lower` are the directories of the layers below, nearest first; those in `lazy` are lazy layers,
+    read from their index. Paths are resolved one component at a time as overlayfs merges the layers
+    (the nearest layer that has a name decides; a non-directory (symlink, file, whiteout) hides the
+    layers below it, so does an opaque directory), and no symlink is ever followed: layer 1's
+    `x -> /host/dir` under layer 2's `x/inner/` gives `x/inner` nothing, never the host directory's
+    attributes. Directories below `served` (our own FUSE mount) that are not in `lazy` are skipped."""
+    layers: list[_Lower] = []
+    for path in lower:
+        found = (lazy or {}).get(path)
+        if found is not None:
+            layers.append(_IndexLower(found))
+        elif served is None or os.path.dirname(path.rstrip("/")) != served.rstrip("/"):
+            layers.append(_DiskLower(path))
     seen: dict[str, list[int]] = {}
 
-    def stat_lower(path: str) -> os.stat_result | None:
-        st = _stat_dir(lower, path)
-        if st is not None:
-            seen[path] = [st.st_mode, st.st_uid, st.st_gid, st.st_mtime_ns]
-        return st
+    def stat_lower(path: str) -> _Attrs | None:
+        parts = path.split("/")
+        if _hidden_by_own_opaque(index, parts) or not all(p and p not in (".", "..") for p in parts):
+            return None
+        attrs = _merged_dir(layers, parts)
+        if attrs is not None:
+            seen[path] = [attrs.st_mode, attrs.st_uid, attrs.st_gid, attrs.st_mtime_ns]
+        return attrs
 
     index.inherit_implicit(stat_lower)
     return seen
 
 
-def _stat_dir(lower: list[str], path: str) -> os.stat_result | None:
-    for root in lower:
+def _hidden_by_own_opaque(index: LayerIndex, parts: list[str]) -> bool:
+    """Whether a directory above the path (in the layer itself) is opaque: nothing below shows."""
+    ino: int | None = ROOT
+    for name in [None, *parts[:-1]]:
+        if name is not None:
+            ino = index.lookup(ino, name) if ino is not None else None
+        if ino is None:
+            return False
+        if ino in index.opaque:
+            return True
+    return False
+
+
+@dataclass(frozen=True)
+class _Child:
+    """A directory found in one lower layer: its attributes, whether it is opaque, how to go on."""
+
+    attrs: _Attrs
+    opaque: bool
+    handle: object
+
+
+_ABSENT, _NOT_DIR = "absent", "not-dir"
+
+
+class _Lower:
+    """One layer below, walked one name at a time without following symlinks."""
+
+    def root(self) -> object | None:
+        raise NotImplementedError
+
+    def child(self, handle: object, name: str) -> _Child | str:
+        raise NotImplementedError
+
+    def close(self, handle: object) -> None:
+        pass
+
+
+class _IndexLower(_Lower):
+    """A lazy layer, from its TOC index (symlinks are entries there, never followed)."""
+
+    def __init__(self, index: LayerIndex):
+        self.index = index
+
+    def root(self) -> object | None:
+        return ROOT
+
+    def child(self, handle: object, name: str) -> _Child | str:
+        ix = self.index
+        ino = ix.lookup(handle, name)  # type: ignore[arg-type]
+        if ino is None:
+            return _ABSENT
+        if ix.kind[ino] != DIR:  # a whiteout is a character device here
+            return _NOT_DIR
+        attrs = _Attrs(stat.S_IFDIR | ix.mode[ino], ix.uid[ino], ix.gid[ino], ix.mtime[ino])
+        return _Child(attrs, ino in ix.opaque, ino)
+
+
+_OPAQUE_XATTRS = ("trusted.overlay.opaque", "user.overlay.opaque")
+_OPEN_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
+
+
+class _DiskLower(_Lower):
+    """A snapshot directory on disk (whiteouts as 0/0 character devices, opaque as an xattr). Each
+    name is opened relative to its parent's fd with O_NOFOLLOW|O_DIRECTORY: a symlink or any other
+    non-directory is refused by the kernel, so no path ever leaves the layer."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def root(self) -> object | None:
         try:
-            st = os.lstat(os.path.join(root, path))
+            return os.open(self.path, _OPEN_DIR)
         except OSError:
-            continue
-        return st if stat.S_ISDIR(st.st_mode) else None  # a file below: this layer's dir replaces it
-    return None
+            return None
+
+    def child(self, handle: object, name: str) -> _Child | str:
+        try:
+            fd = os.open(name, _OPEN_DIR, dir_fd=handle)  # type: ignore[arg-type]
+        except OSError as e:
+            if e.errno in (errno.ENOTDIR, errno.ELOOP):
+                return _NOT_DIR
+            return _ABSENT
+        st = os.fstat(fd)
+        return _Child(_Attrs(st.st_mode, st.st_uid, st.st_gid, st.st_mtime_ns), _opaque(fd), fd)
+
+    def close(self, handle: object) -> None:
+        os.close(handle)  # type: ignore[arg-type]
+
+
+def _opaque(fd: int) -> bool:
+    for name in _OPAQUE_XATTRS:
+        try:
+            if os.getxattr(fd, name) == b"y":
+                return True
+        except OSError:
+            pass
+    return False
+
+
+def _merged_dir(layers: list[_Lower], parts: list[str]) -> _Attrs | None:
+    """The attributes of directory `parts` in the merged tree of `layers` (nearest first), or None
+    when it is not a directory there."""
+    level = [(layer, h) for layer in layers if (h := layer.root()) is not None]
+    try:
+        attrs: _Attrs | None = None
+        for name in parts:
+            below: list[tuple[_Lower, object]] = []
+            attrs = None
+            for layer, handle in level:
+                found = layer.child(handle, name)
+                if found == _ABSENT:
+                    continue
+                if isinstance(found, str):  # not a directory: it hides this name in every layer below
+                    break
+                attrs = attrs or found.attrs  # the nearest layer's directory is the one shown
+                below.append((layer, found.handle))
+                if found.opaque:
+                    break
+            _close(level)
+            level = below
+            if attrs is None:
+                return None
+        return attrs
+    finally:
+        _close(level)
+
+
+def _close(level: list[tuple[_Lower, object]]) -> None:
+    for layer, handle in level:
+        layer.close(handle)
+    level.clear()
 
 
 def _remove_dir(d: Path) -> None:

@@ -5,6 +5,8 @@ full pull; a restarted daemon serves what it has cached without the network."""
 from __future__ import annotations
 
 import json
+import os
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -14,12 +16,13 @@ import trio
 
 from fuse.formats.writer import WriteOptions, convert_bytes
 from fuse.registry import Reference
+from snapshotter import failpoints
 from snapshotter.convert import convert_image
 from tests.harness import images as im
 from tests.harness import trees
 from tests.harness.containerd import Containerd
 from tests.harness.containers import RUNTIME_PATHS, container_tree, feature_image
-from tests.harness.procs import free_port
+from tests.harness.procs import free_port, mounts_under
 from tests.harness.registry import Registry, anonymous_client
 from tests.harness.snapshotter import Lazysnap
 
@@ -231,3 +234,70 @@ def test_systemd_unit_verifies(tmp_path: Path) -> None:
     local.write_text(unit.replace("/usr/local/bin/lazysnap", str(Path(sys.executable).parent / "lazysnap")))
     p = subprocess.run(["systemd-analyze", "verify", str(local)], capture_output=True, text=True)
     assert p.returncode == 0 and "lazysnap.service" not in p.stderr, p.stderr
+
+
+def test_implicit_dirs_never_take_attributes_through_a_lower_symlink(
+    registry: Registry, snapshotter_factory, containerd_factory, workdir: Path
+) -> None:
+    """Layer 1 has `x -> <host dir>`, layer 2 `x/inner/k` without directory entries: the served
+    `x/inner` must not get the host directory's mode, owner and mtime (the symlink is never followed
+    on the host), while an ordinary lower directory (`y`) still gives its attributes."""
+    host = workdir / "host"
+    (host / "inner").mkdir(parents=True)
+    os.chmod(host / "inner", 0o701)
+    os.chown(host / "inner", 4242, 4343)
+    snapshotter = lazysnap_with(snapshotter_factory, workdir, background=False)
+    containerd = containerd_factory(snapshotter_socket=snapshotter.address)
+    image = im.Image(
+        [
+            im.Layer([im.Symlink("x", str(host)), im.Dir("y", mode=0o750, uid=7, gid=8)]),
+            im.Layer([im.File("x/inner/k", b"k\n"), im.File("y/k", b"k\n")]),
+        ]
+    )
+    ref = accelerate(registry, "lazy/symlink-below", image)
+    rpull(containerd, ref)
+
+    async def top_digest() -> str:
+        client = anonymous_client()
+        async with client:
+            return (await client.resolve(ref)).layers[-1]["digest"]
+
+    top = trio.run(top_digest).replace(":", "-")
+    inner = os.stat(snapshotter.root / "mnt" / top / "x" / "inner")
+    assert (inner.st_mode & 0o7777, inner.st_uid, inner.st_gid) == (0o755, 0, 0)
+    y = os.stat(snapshotter.root / "mnt" / top / "y")
+    assert (y.st_mode & 0o7777, y.st_uid, y.st_gid) == (0o750, 7, 8)
+    meta = json.loads((snapshotter.root / "layers" / top / "meta.json").read_text())
+    assert set(meta["inherited"]) == {"y"}, meta["inherited"]
+
+
+def test_dead_fuse_server_fails_readers_instead_of_hanging(
+    registry: Registry, snapshotter_factory, containerd_factory, workdir: Path
+) -> None:
+    """The daemon's FUSE server stops (a failpoint makes a read handler fail as a bug would): a reader
+    of a lazy layer gets an error at once instead of hanging, the daemon exits non-zero within
+    seconds (systemd restarts it) and leaves no FUSE mount behind."""
+    snapshotter = lazysnap_with(snapshotter_factory, workdir, background=False)
+    snapshotter.stop()
+    snapshotter.start(env={failpoints.ENV: "fuse.read=error"})
+    containerd = containerd_factory(snapshotter_socket=snapshotter.address)
+    image = im.Image([im.Layer([im.File("data/file", im.pseudo_random(1 << 20, seed=9))])])
+    ref = accelerate(registry, "lazy/dies", image)
+    rpull(containerd, ref)
+    (layer,) = (snapshotter.root / "mnt").iterdir()
+    outcome: list[BaseException | bytes] = []
+
+    def read() -> None:
+        try:
+            outcome.append((layer / "data/file").read_bytes())
+        except OSError as e:
+            outcome.append(e)
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    reader.join(15)
+    assert not reader.is_alive(), "a read of a lazy layer hangs after the FUSE server stopped"
+    assert isinstance(outcome[0], OSError), outcome
+    assert snapshotter.wait_exit(15) != 0
+    assert mounts_under(snapshotter.root) == [], "the daemon left its FUSE mount behind"
+    assert "the FUSE server stopped unexpectedly" in snapshotter.log()

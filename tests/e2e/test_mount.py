@@ -1,23 +1,33 @@
 """`lazysnap mount`: the data path alone. An accelerated image's merged tree, read lazily through FUSE
 and overlayfs, equals the expected tree entry by entry; reads are lazy; concurrent readers, a registry
-that goes away and comes back, a tiny cache and a corrupted cache file are all handled."""
+that goes away and comes back, a tiny cache and a corrupted cache file are all handled; a refused layer
+is one line of error, and a FUSE server that dies fails its readers and leaves nothing mounted."""
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+import subprocess
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+import trio
 
+from fuse.formats.annotations import TOC_DIGEST
+from fuse.registry import Reference
+from snapshotter import failpoints
+from tests.e2e.test_lazy_pull import accelerate
 from tests.harness import images as im
 from tests.harness import trees
 from tests.harness.accelerate import ctr_remote_convert, sample_image, skopeo_zstd_chunked
 from tests.harness.containerd import Containerd
-from tests.harness.mount import LazysnapMount
-from tests.harness.registry import Registry
+from tests.harness.mount import LAZYSNAP, LazysnapMount
+from tests.harness.procs import mounts_under
+from tests.harness.registry import Registry, anonymous_client
 
 
 @pytest.fixture
@@ -137,3 +147,73 @@ def test_tiny_cache_and_corrupted_cache_file(registry, containerd, workdir, pull
         os.truncate(p, p.stat().st_size // 2)
     m3 = mount_factory(dst, args=("--no-background",), cache=m2.cache)
     trees.assert_same(expected, trees.scan(m3.mountpoint))
+
+
+def run_mount(workdir: Path, image: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    mountpoint = workdir / "refused"
+    mountpoint.mkdir(exist_ok=True)
+    argv = [LAZYSNAP, "mount", "--plain-http", "--cache", str(workdir / "cache"), image, str(mountpoint)]
+    return subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
+
+
+def tampered(registry: Registry, ref: str, tag: str) -> str:
+    """`ref` pushed again as `tag` with its layer's TOC digest annotation replaced by a wrong one."""
+
+    async def push() -> str:
+        client = anonymous_client()
+        async with client:
+            resolved = await client.resolve(ref)
+            manifest = json.loads(json.dumps(resolved.manifest))
+            for desc in manifest["layers"]:
+                desc["annotations"][TOC_DIGEST] = "sha256:" + "0" * 64
+            dst = Reference.parse(f"{registry.host}/mount/refused:{tag}")
+            await client.push_manifest(dst, json.dumps(manifest).encode(), resolved.media_type)
+            return str(dst)
+
+    return trio.run(push)
+
+
+def test_refused_layer_is_one_line_without_traceback(registry: Registry, workdir: Path) -> None:
+    ref = accelerate(registry, "mount/refused", im.Image([im.Layer([im.File("etc/motd", b"hi\n")])]))
+    cases = {
+        tampered(registry, ref, "bad-toc"): "refused, its content does not match its digest",
+        f"{registry.host}/mount/refused:no-such-tag": "cannot resolve",
+    }
+    for image, why in cases.items():
+        p = run_mount(workdir, image)
+        assert p.returncode == 1, p
+        assert "Traceback" not in p.stderr, p.stderr
+        lines = p.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("lazysnap mount: ") and why in lines[0], p.stderr
+    assert mounts_under(workdir) == []
+
+
+def test_dead_fuse_server_fails_readers_and_exits(registry: Registry, workdir: Path) -> None:
+    """The FUSE server stops (a failpoint makes a read handler fail as a bug would): the reader gets an
+    error instead of hanging, the command exits 1 within seconds with one line, nothing stays mounted."""
+    data = im.pseudo_random(1 << 20, seed=3)
+    ref = accelerate(registry, "mount/dies", im.Image([im.Layer([im.File("data/file", data)])]))
+    m = LazysnapMount(workdir, ref, args=("--no-background",))
+    m.service.env = {failpoints.ENV: "fuse.read=error"}
+    m.start()
+    outcome: list[BaseException | bytes] = []
+    reader = threading.Thread(target=lambda: outcome.append(_read(m.mountpoint / "data/file")), daemon=True)
+    reader.start()
+    reader.join(15)
+    assert not reader.is_alive(), "a read of the mount hangs after its FUSE server stopped"
+    assert isinstance(outcome[0], OSError), outcome
+    deadline = time.monotonic() + 15
+    while m.service.alive() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not m.service.alive(), "lazysnap mount did not exit after its FUSE server stopped"
+    assert m.service.proc.returncode == 1
+    assert mounts_under(workdir) == [], "lazysnap mount left mounts behind"
+    last = m.service.log_tail().strip().splitlines()[-1]
+    assert last.startswith("lazysnap mount: the FUSE server stopped unexpectedly"), last
+
+
+def _read(path: Path) -> BaseException | bytes:
+    try:
+        return path.read_bytes()
+    except OSError as e:
+        return e
