@@ -35,7 +35,7 @@ from . import failpoints, logs, metrics
 from .config import Config
 from .errors import StartupError
 from .layout import remove_tree
-from .lazy import LazyRuntime, RemoteBridge
+from .lazy import LazyRuntime, RemoteBridge, ServingStopped
 from .service import SnapshotsService
 from .snapshots import Snapshotter
 
@@ -284,8 +284,22 @@ def serve(config: Config) -> int:
 async def _serve(config: Config) -> int:
     """One trio loop: the FUSE mount and its layers live on it; gRPC handlers run in their threads and
     call into it. Remote layers are restored before the socket opens, so containerd never sees a
-    snapshot whose files are not served."""
+    snapshot whose files are not served. If the data path dies (`ServingStopped`: its FUSE connection is
+    already aborted, so readers get errors rather than hang), the rest is released and the daemon exits
+    1 with one line; systemd restarts it and the restart restores every layer."""
     daemon = Daemon(config)
+    runtime: list[LazyRuntime] = []  # the lazy data path, once started
+    try:
+        return await _run(config, daemon, runtime)
+    except* ServingStopped as group:
+        reason = group.exceptions[0]
+    print(f"lazysnap serve: the data path stopped: {reason}", file=sys.stderr)
+    log.error("the data path stopped: %s; exiting", reason)
+    await _shutdown(daemon, runtime[0] if runtime else None)
+    return 1
+
+
+async def _run(config: Config, daemon: Daemon, runtime: list[LazyRuntime]) -> int:
     lazy: LazyRuntime | None = None
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async with trio.open_nursery() as nursery:
@@ -293,6 +307,7 @@ async def _serve(config: Config) -> int:
                 daemon.prepare()
                 assert daemon.snapshotter is not None
                 lazy = LazyRuntime(config)
+                runtime.append(lazy)
                 await lazy.start(nursery, daemon.snapshotter.remote_layers())
                 daemon.snapshotter.remote = RemoteBridge(lazy.layers, trio.lowlevel.current_trio_token())
                 daemon.listen()

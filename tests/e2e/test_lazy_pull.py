@@ -300,4 +300,7 @@ def test_dead_fuse_server_fails_readers_instead_of_hanging(
     assert isinstance(outcome[0], OSError), outcome
     assert snapshotter.wait_exit(15) != 0
     assert mounts_under(snapshotter.root) == [], "the daemon left its FUSE mount behind"
-    assert "the FUSE server stopped unexpectedly" in snapshotter.log()
+    log = snapshotter.log()
+    assert "the FUSE server stopped unexpectedly" in log
+    assert "lazysnap serve: the data path stopped" in log
+    assert "Traceback" not in log, "the daemon should exit with one line, not a traceback"
