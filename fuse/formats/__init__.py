@@ -1,11 +1,21 @@
 """Seekable layer formats: eStargz (gzip and zstd) and zstd:chunked. `open_layer` reads a layer's
 footer and TOC over any `BlobSource` and gives a `Layer` whose files are read chunk by chunk, every
-byte verified; `LayerIndex` is the compact index the filesystem serves from."""
+byte verified; `LayerIndex` is the compact index the filesystem serves from. Reading a TOC takes
+bounded memory and time whatever the TOC claims (`Limits`)."""
 
 from .errors import FormatError, NotLazy, Unverified
 from .footer import ESTARGZ, ESTARGZ_ZSTD, ZSTD_CHUNKED, Footer, parse_footer
-from .index import Chunk, LayerIndex, Limits, Stat, build_index
-from .reader import Layer, TocInfo, decode_chunk, fetch_toc, layer_from_toc, merge_spans, open_layer
+from .index import Chunk, IndexBuilder, LayerIndex, Limits, Stat, build_index
+from .reader import (
+    Layer,
+    TocInfo,
+    decode_chunk,
+    fetch_toc,
+    layer_from_toc,
+    merge_spans,
+    open_layer,
+    read_toc,
+)
 from .source import BlobSource, BytesSource, FileSource, RegistrySource
 
 __all__ = [
@@ -18,6 +28,7 @@ __all__ = [
     "FileSource",
     "Footer",
     "FormatError",
+    "IndexBuilder",
     "Layer",
     "LayerIndex",
     "Limits",
@@ -33,4 +44,5 @@ __all__ = [
     "merge_spans",
     "open_layer",
     "parse_footer",
+    "read_toc",
 ]

@@ -1,22 +1,29 @@
 """The compact in-memory index of a layer's TOC: path tree, attributes, chunks.
 
-Built once per layer from the TOC JSON (eStargz and zstd:chunked share the entry schema), it answers
-what the filesystem asks: lookup by (directory, name), attributes, directory listings, symlink targets,
-xattrs, and for any byte range of a file the chunks that hold it. Memory is columnar (`array` columns,
-one shared digest buffer, sorted child lists) so a 100,000-entry layer costs about 200 bytes an entry.
+Built once per layer from the TOC entries (eStargz and zstd:chunked share the entry schema), one entry
+at a time (`IndexBuilder.add`), so a streamed TOC is never held whole; it answers what the filesystem
+asks: lookup by (directory, name), attributes, directory listings, symlink targets, xattrs, and for any
+byte range of a file the chunks that hold it. Memory is columnar (`array` columns, one shared digest
+buffer, sorted child lists) so a 100,000-entry layer costs about 200 bytes an entry.
 
 Inode numbers are local to the layer and a pure function of the TOC: 2, 3, ... in TOC order (the root
 is 1), an implicit parent directory just before the first entry below it, so a restarted daemon gives
 the same ones.
 
-Overlay semantics for use as an overlayfs lower layer: `.wh.<name>` becomes a character device 0/0
-named `<name>`; `.wh..wh..opq` marks its directory opaque (`trusted.overlay.opaque = y`); the landmark
-files `.prefetch.landmark` / `.no.prefetch.landmark` are hidden and tell where the prioritized region
-ends. A layer without entries for parent directories is normal input: they are created (0755, root).
+What the index shows is what a full unpack of the layer would create (shared/reference/formats.md):
+- a root entry (`.`, `./` or an empty name) gives the layer root its mode, owner and mtime; names
+  prefixed `./` are ordinary names;
+- a layer without entries for parent directories is normal input: they are created (0755, root);
+- symlinks have mode 0777, whatever the TOC says (Linux has no lchmod);
+- overlayfs lower-layer semantics: `.wh.<name>` becomes a character device 0/0 named `<name>`;
+  `.wh..wh..opq` marks its directory opaque (`trusted.overlay.opaque = y`); the landmark files
+  `.prefetch.landmark` / `.no.prefetch.landmark` are hidden and tell where the prioritized region ends.
 
 Every violation of the format is a `FormatError` naming the entry: `..`, absolute or duplicate names,
-hardlinks to nothing, negative or out-of-range offsets, chunk lists that do not cover the file,
-absurd sizes or counts.
+names a full unpack cannot create (a component over NAME_MAX bytes, a path of PATH_MAX bytes or more),
+hardlinks to nothing, negative or out-of-range offsets, chunk lists that do not cover the file, chunk
+geometry no honest compressor can produce (see `IndexBuilder.finish`), and TOCs whose index would not fit
+the memory budget (`Limits`). Nothing recurses on the depth of the input.
 """
 
 from __future__ import annotations
@@ -26,6 +33,8 @@ import binascii
 import bisect
 import datetime as _dt
 from array import array
+from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,17 +48,52 @@ PREFETCH_LANDMARK = ".prefetch.landmark"
 NO_PREFETCH_LANDMARK = ".no.prefetch.landmark"
 WHITEOUT = ".wh."
 OPAQUE = ".wh..wh..opq"
+ROOT_NAMES = frozenset({"", ".", "./"})  # how tar writers spell the layer root (formats.md)
+SYMLINK_MODE = 0o777  # what a full unpack on Linux shows for every symlink
 _NO_DIGEST = bytes(32)
 _U32_FIELDS = frozenset({"mode", "uid", "gid", "devMajor", "devMinor"})
+_U32, _I64 = 1 << 32, 1 << 63  # ranges of TOC integer fields: [0, _U32) for _U32_FIELDS, else [0, _I64)
+
+# The most bytes one compressed byte can inflate to: deflate emits at most 258 bytes per 2-bit code
+# (1032:1); a zstd block yields at most 128 KiB and an RLE block takes 4 bytes (32768:1).
+MAX_RATIO = {GZIP: 1032, ZSTD: 32768}
+TAR_BLOCK = 512
+
+# Estimated bytes the index and its builder keep per inode / chunk / symlink / xattr map, on top of
+# the strings themselves (measured with tracemalloc on bench/index_build.py's TOC; see Limits).
+_INODE_COST = 160
+_CHUNK_COST = 80
+_LINK_COST = 60
+_XATTR_COST = 250
+_MTIME_CACHE = 4096  # distinct modtime strings remembered while building
 
 
 @dataclass(frozen=True)
 class Limits:
-    max_entries: int = 4_000_000
+    """What the reader accepts. A TOC beyond them is a FormatError: the layer can only be pulled in full.
+
+    `max_index_bytes` bounds the memory the index (and its builder) may take, estimated while
+    building (bench/index_build.py's TOC costs ~340 bytes an entry while building, ~200 kept): 128 MiB
+    holds about 400,000 entries of such a layer, far above real layers, and keeps one TOC parse under
+    ~200 MiB of resident memory whatever the TOC claims.
+    `max_entries` bounds the work (entries that add nothing, such as a directory listed again, cost
+    time but no memory); `max_entry_bytes` bounds one entry's JSON text (the longest honest entry has a
+    PATH_MAX name and link target and 64 KiB of xattrs in base64, well under 256 KiB)."""
+
+    max_entries: int = 1_000_000
+    max_index_bytes: int = 128 << 20
+    max_entry_bytes: int = 256 << 10
     max_file_size: int = 1 << 40  # 1 TiB
-    max_chunk_size: int = 1 << 30  # one chunk is decompressed in memory
-    max_path: int = 4096
+    max_chunk_size: int = 1 << 30  # declared size of one chunk
+    max_path: int = 4096  # Linux PATH_MAX: a path or symlink target must be shorter (it counts the NUL)
+    max_name: int = 255  # Linux NAME_MAX: bytes in one path component
     max_xattr_size: int = 64 << 10
+
+    @property
+    def header_allowance(self) -> int:
+        """The most tar bytes one entry can put between two payloads of a compressed member: padding,
+        its ustar header, PAX or GNU records for a long name and link target, and its xattrs."""
+        return 4 * TAR_BLOCK + 2 * self.max_path + 2 * self.max_xattr_size
 
 
 DEFAULT_LIMITS = Limits()
@@ -244,68 +288,119 @@ def build_index(
     (the TOC offset); `storage` says how chunks are compressed (GZIP or ZSTD)."""
     if not isinstance(doc, dict) or not isinstance(doc.get("entries"), list):
         raise FormatError(f"{what}: TOC is not an object with an 'entries' list")
-    entries = doc["entries"]
-    if len(entries) > limits.max_entries:
-        raise FormatError(
-            f"{what}: TOC has {len(entries)} entries, more than the limit of {limits.max_entries}"
-        )
-    return _Builder(what, data_end, storage, limits).build(entries)
+    builder = IndexBuilder(what, data_end, storage, limits)
+    builder.add_all(doc["entries"])
+    return builder.finish()
 
 
-class _Builder:
-    def __init__(self, what: str, data_end: int, storage: int, limits: Limits):
+class IndexBuilder:
+    """Builds a `LayerIndex` from TOC entries given one at a time, within `Limits`; `finish` checks
+    what needs the whole TOC and returns the index."""
+
+    def __init__(self, what: str, data_end: int, storage: int, limits: Limits = DEFAULT_LIMITS):
         self.what, self.data_end, self.storage, self.limits = what, data_end, storage, limits
+        self.entries = 0  # entries added so far
+        self.cost = 0  # estimated bytes kept, against limits.max_index_bytes
+        self._max_entries, self._max_cost = limits.max_entries, limits.max_index_bytes
         self.ix = LayerIndex()
         self.ix._extra_names = {}
         self.by_path: dict[str, int] = {"": ROOT}
         self.children: dict[int, list[int]] = {ROOT: []}
         self.mtimes: dict[str, int] = {}
-        self.ends: dict[int, int] = {}  # chunk id -> endOffset given by the TOC
+        self.c_entry = array("Q")  # chunk id -> index of its TOC entry (for the member geometry checks)
+        self.c_ino = array("Q")  # chunk id -> its file (for error messages)
         self.current_file = -1  # inode of the regular file whose chunks may follow
         self.current_name = ""
         self.current_index = -1
         self.whiteouts: set[int] = set()  # inodes that stand for a whiteout
 
-    def fail(self, i: int, e: dict, message: str) -> FormatError:
+    def fail(self, i: int, e: Any, message: str) -> FormatError:
         name = e.get("name") if isinstance(e, dict) else None
         shown = repr(name) if not isinstance(name, str) or len(name) < 200 else repr(name[:200]) + "..."
         return FormatError(f"{self.what}: TOC entry {i} ({shown}): {message}")
 
-    def build(self, entries: list) -> LayerIndex:
-        for i, e in enumerate(entries):
-            if not isinstance(e, dict):
-                raise FormatError(f"{self.what}: TOC entry {i} is not an object")
-            kind = e.get("type")
-            name = self.clean(i, e)
-            if kind == "chunk":
-                self.add_chunk(i, e, name)
-                continue
-            self.close_file(i, e)
+    def add_all(self, entries: Iterable[Any]) -> None:
+        for e in entries:
+            self.add(e)
+
+    def add(self, e: Any) -> None:
+        i = self.entries
+        if i >= self._max_entries:
+            raise FormatError(
+                f"{self.what}: TOC has more than {self.limits.max_entries} entries, the limit of this "
+                "reader: too many to index in memory; such a layer can only be pulled in full"
+            )
+        self.entries = i + 1
+        if type(e) is not dict:
+            raise FormatError(f"{self.what}: TOC entry {i} is not an object")
+        kind = e.get("type")
+        name = self.clean(i, e)
+        if kind == "chunk":
+            self.add_chunk(i, e, name)
+        else:
+            self.close_file()
             if kind == "hardlink":
                 self.add_hardlink(i, e, name)
             elif kind in KIND_NAMES:
                 self.add_entry(i, e, name, KIND_NAMES[kind])
             else:
                 raise self.fail(i, e, f"unknown type {kind!r}")
-        self.close_file(len(entries), {})
+        if self.cost > self._max_cost:
+            raise FormatError(
+                f"{self.what}: the index of this TOC would take more than "
+                f"{self.limits.max_index_bytes >> 20} MiB by entry {i} (names and entries too many or "
+                "too long to index in memory); such a layer can only be pulled in full"
+            )
+
+    def finish(self) -> LayerIndex:
+        self.close_file()
         self.finish_chunks()
         self.finish_children()
+        self.c_entry, self.c_ino = array("Q"), array("Q")
         return self.ix
 
     def clean(self, i: int, e: dict) -> str:
+        """The entry's path relative to the root ("" for the root), refused where a full unpack could
+        not create it."""
         name = e.get("name")
-        if not isinstance(name, str):
+        if type(name) is not str:
             raise self.fail(i, e, "no name")
-        if len(name) > self.limits.max_path or "\x00" in name:
-            raise self.fail(i, e, "name too long or with a NUL byte")
+        limits = self.limits
+        if len(name) >= limits.max_path:
+            raise self.fail(
+                i, e, f"name of {len(name)} characters: a path must be under {limits.max_path} bytes"
+            )
         if name.startswith("/"):
             raise self.fail(i, e, "absolute name")
+        if name in ROOT_NAMES:
+            return ""
         if name.startswith("./"):
             name = name[2:]
-        name = name.rstrip("/")
-        parts = name.split("/") if name else []
-        if any(p in ("..", ".", "") for p in parts):
+        if name.endswith("/"):
+            name = name.rstrip("/")
+        if "\x00" in name:
+            raise self.fail(i, e, "name with a NUL byte")
+        if (name.startswith(".") or "/." in name or "//" in name or not name) and any(
+            p in ("..", ".", "") for p in name.split("/")
+        ):
             raise self.fail(i, e, "name with '..', '.' or an empty component")
+        if name.isascii():
+            size = len(name)
+        else:
+            try:
+                size = len(name.encode("utf-8", "surrogateescape"))
+            except UnicodeEncodeError:
+                raise self.fail(i, e, "name is not valid UTF-8") from None
+        if size >= limits.max_path:
+            raise self.fail(i, e, f"name of {size} bytes: a path must be under {limits.max_path} bytes")
+        if (
+            size > limits.max_name
+            and (longest := max(len(p.encode("utf-8", "surrogateescape")) for p in name.split("/")))
+            > limits.max_name
+        ):
+            raise self.fail(
+                i, e, f"a name component of {longest} bytes: at most {limits.max_name} can be created"
+            )
         return name
 
     def add_entry(self, i: int, e: dict, name: str, kind: int) -> None:
@@ -348,8 +443,7 @@ class _Builder:
             ix.rdev.pop(existing, None)
             ino = existing
         else:
-            ino = self.new_inode(parent, base, kind)
-            self.by_path[name] = ino
+            ino = self.new_inode(parent, base, kind, name)
             if whiteout:
                 self.whiteouts.add(ino)
         self.set_attrs(ino, i, e)
@@ -359,14 +453,25 @@ class _Builder:
             ix.nlink[parent] += 1
         elif kind == SYMLINK:
             target = e.get("linkName")
-            if not isinstance(target, str) or not target:
+            if type(target) is not str or not target:
                 raise self.fail(i, e, "symlink without linkName")
+            size = len(target.encode("utf-8", "surrogateescape")) if not target.isascii() else len(target)
+            if size >= self.limits.max_path or "\x00" in target:
+                raise self.fail(
+                    i,
+                    e,
+                    f"symlink target of {size} bytes or with a NUL: it must be under {self.limits.max_path}",
+                )
             ix.links[ino] = target
-            ix.size[ino] = len(target.encode())
+            ix.size[ino] = size
+            ix.mode[ino] = SYMLINK_MODE
+            self.cost += _LINK_COST + size
         elif kind in (CHAR, BLOCK):
             ix.rdev[ino] = (self.int_field(i, e, "devMajor"), self.int_field(i, e, "devMinor"))
         elif kind == REG:
-            size = self.int_field(i, e, "size")
+            size = e.get("size", 0)
+            if type(size) is not int or not 0 <= size < _I64:
+                size = self.int_field(i, e, "size")
             if size > self.limits.max_file_size:
                 raise self.fail(i, e, f"size {size} beyond the limit of {self.limits.max_file_size}")
             ix.size[ino] = size
@@ -375,46 +480,65 @@ class _Builder:
             if size:
                 self.add_chunk(i, e, name, first=True)
 
-    def new_inode(self, parent: int, base: str, kind: int) -> int:
+    def new_inode(self, parent: int, base: str, kind: int, path: str) -> int:
         ix = self.ix
         ino = len(ix.names)
         ix.names.append(base)
         ix.parent.append(parent)
         ix.kind.append(kind)
-        for col in (ix.mode, ix.uid, ix.gid, ix.size, ix.mtime, ix.first_chunk, ix.chunk_count):
-            col.append(0)
+        ix.mode.append(0)
+        ix.uid.append(0)
+        ix.gid.append(0)
+        ix.size.append(0)
+        ix.mtime.append(0)
+        ix.first_chunk.append(0)
+        ix.chunk_count.append(0)
         ix.nlink.append(1)
         self.children[parent].append(ino)
+        self.by_path[path] = ino
+        self.cost += _INODE_COST + len(base) + len(path)
         return ino
 
     def directory(self, path: str, i: int, e: dict) -> int:
-        """The inode of a directory path, creating missing parents (0755 root) implicitly."""
+        """The inode of a directory path, creating missing parents (0755 root) implicitly, outermost
+        first (a loop, not recursion: paths may have thousands of components)."""
         ino = self.by_path.get(path)
-        if ino is not None:
-            if self.ix.kind[ino] != DIR:
-                raise self.fail(i, e, f"parent {path!r} is not a directory")
-            return ino
-        parent_path, _, base = path.rpartition("/")
-        parent = self.directory(parent_path, i, e)
-        ino = self.new_inode(parent, base, DIR)
-        self.ix.mode[ino] = 0o755
-        self.ix.implicit.add(ino)
-        self.ix.nlink[ino] = 2
-        self.ix.nlink[parent] += 1
-        self.children[ino] = []
-        self.by_path[path] = ino
+        missing = []
+        while ino is None:
+            missing.append(path)
+            path = path.rpartition("/")[0]
+            ino = self.by_path.get(path)
+        if self.ix.kind[ino] != DIR:
+            raise self.fail(i, e, f"parent {path!r} is not a directory")
+        ix = self.ix
+        for sub in reversed(missing):
+            parent = ino
+            ino = self.new_inode(parent, sub.rpartition("/")[2], DIR, sub)
+            ix.mode[ino] = 0o755
+            ix.implicit.add(ino)
+            ix.nlink[ino] = 2
+            ix.nlink[parent] += 1
+            self.children[ino] = []
         return ino
 
     def set_attrs(self, ino: int, i: int, e: dict) -> None:
         ix = self.ix
-        ix.mode[ino] = self.int_field(i, e, "mode") & 0o7777
-        ix.uid[ino] = self.int_field(i, e, "uid")
-        ix.gid[ino] = self.int_field(i, e, "gid")
-        ix.mtime[ino] = self.mtime(i, e)
+        mode, uid, gid = e.get("mode", 0), e.get("uid", 0), e.get("gid", 0)
+        if type(mode) is not int or not 0 <= mode < _U32:  # the checks inline: this runs per entry
+            mode = self.int_field(i, e, "mode")
+        if type(uid) is not int or not 0 <= uid < _U32:
+            uid = self.int_field(i, e, "uid")
+        if type(gid) is not int or not 0 <= gid < _U32:
+            gid = self.int_field(i, e, "gid")
+        ix.mode[ino] = mode & 0o7777
+        ix.uid[ino] = uid
+        ix.gid[ino] = gid
+        text = e.get("modtime")
+        ix.mtime[ino] = (self.mtimes.get(text) if type(text) is str else None) or self.mtime(i, e)
         xattrs = e.get("xattrs")
         if xattrs:
-            if not isinstance(xattrs, dict) or not all(
-                isinstance(k, str) and isinstance(v, str) for k, v in xattrs.items()
+            if type(xattrs) is not dict or not all(
+                type(k) is str and type(v) is str for k, v in xattrs.items()
             ):
                 raise self.fail(i, e, "xattrs must map names to base64 strings")
             try:
@@ -426,12 +550,13 @@ class _Builder:
             except binascii.Error as err:
                 raise self.fail(i, e, "xattr value is not base64") from err
             ix.xattrs[ino] = dict(xattrs)
+            self.cost += _XATTR_COST + sum(_XATTR_COST + len(k) + len(v) for k, v in xattrs.items())
 
     def add_hardlink(self, i: int, e: dict, name: str) -> None:
         target_name = e.get("linkName")
-        if not isinstance(target_name, str):
+        if type(target_name) is not str:
             raise self.fail(i, e, "hardlink without linkName")
-        target_name = target_name.removeprefix("./").rstrip("/")
+        target_name = "" if target_name in ROOT_NAMES else target_name.removeprefix("./").rstrip("/")
         target = self.by_path.get(target_name)
         if target is None:
             raise self.fail(i, e, f"hardlink to nothing ({target_name!r} is not an earlier entry)")
@@ -444,6 +569,7 @@ class _Builder:
         self.by_path[name] = target
         self.ix._extra_names.setdefault(parent, []).append((base, target))
         self.ix.nlink[target] += 1
+        self.cost += _INODE_COST + len(base) + len(name)
 
     def add_chunk(self, i: int, e: dict, name: str, first: bool = False) -> None:
         ix = self.ix
@@ -451,35 +577,50 @@ class _Builder:
         if not first and (ino < 0 or name != self.current_name):
             raise self.fail(i, e, "chunk entry that does not follow its regular file")
         file_size = ix.size[ino]
-        file_offset = self.int_field(i, e, "chunkOffset")
+        get = e.get
+        file_offset, size, start, inner = (
+            get("chunkOffset", 0),
+            get("chunkSize", 0),
+            get("offset", 0),
+            get("innerOffset", 0),
+        )
+        if type(file_offset) is not int or not 0 <= file_offset < _I64:  # the checks inline: per chunk
+            file_offset = self.int_field(i, e, "chunkOffset")
+        if type(size) is not int or not 0 <= size < _I64:
+            size = self.int_field(i, e, "chunkSize")
+        if type(start) is not int or not 0 <= start < _I64:
+            start = self.int_field(i, e, "offset")
+        if type(inner) is not int or not 0 <= inner < _I64:
+            inner = self.int_field(i, e, "innerOffset")
         expected = ix.c_file_offset[-1] + ix.c_size[-1] if ix.chunk_count[ino] else 0
         if file_offset != expected:
             raise self.fail(i, e, f"chunk at file offset {file_offset}, expected {expected}")
-        size = self.int_field(i, e, "chunkSize") or file_size - file_offset
+        size = size or file_size - file_offset
         if size <= 0 or file_offset + size > file_size or size > self.limits.max_chunk_size:
             raise self.fail(i, e, f"chunk size {size} does not fit the file of {file_size} bytes")
         storage = ZEROS if e.get("chunkType") == "zeros" else self.storage
-        start = self.int_field(i, e, "offset")
-        inner = self.int_field(i, e, "innerOffset")
-        if storage != ZEROS and not 0 <= start < self.data_end:
-            raise self.fail(i, e, f"offset {start} outside the data region [0, {self.data_end})")
-        cid = len(ix.c_start)
-        if "endOffset" in e:
-            end = self.int_field(i, e, "endOffset")
-            if storage != ZEROS and not start < end <= self.data_end:
-                raise self.fail(i, e, f"endOffset {end} outside ({start}, {self.data_end}]")
-            self.ends[cid] = end
+        end = 0  # 0: up to the next member (finish_chunks)
+        if storage != ZEROS:
+            if not 0 <= start < self.data_end:
+                raise self.fail(i, e, f"offset {start} outside the data region [0, {self.data_end})")
+            if "endOffset" in e:
+                end = self.int_field(i, e, "endOffset")
+                if not start < end <= self.data_end:
+                    raise self.fail(i, e, f"endOffset {end} outside ({start}, {self.data_end}]")
         digest = e.get("chunkDigest") or (e.get("digest") if first and size == file_size else None)
         ix.c_storage.append(storage)
         ix.c_start.append(start)
-        ix.c_end.append(0)
+        ix.c_end.append(end)
         ix.c_inner.append(inner)
         ix.c_file_offset.append(file_offset)
         ix.c_size.append(size)
         ix.c_digest += self.digest(i, e, digest)
         ix.chunk_count[ino] += 1
+        self.c_entry.append(i)
+        self.c_ino.append(ino)
+        self.cost += _CHUNK_COST
 
-    def close_file(self, i: int, e: dict) -> None:
+    def close_file(self) -> None:
         ino = self.current_file
         if ino < 0:
             return
@@ -493,19 +634,86 @@ class _Builder:
         self.current_file = -1
 
     def finish_chunks(self) -> None:
-        """Compressed span ends: endOffset where given, else the next member that starts after."""
+        """Compressed span ends (endOffset where given, else the next member that starts after), and
+        the geometry checks of `check_members`; a chunk alone in its member at innerOffset 0 (the
+        common case) is checked here."""
         ix = self.ix
-        starts = sorted({s for s, k in zip(ix.c_start, ix.c_storage, strict=True) if k != ZEROS})
-        if ix.prefetch_end:
-            starts = sorted(set(starts) | {ix.prefetch_end})
-        for cid in range(len(ix.c_start)):
-            if ix.c_storage[cid] == ZEROS:
+        c_start, c_end, c_storage = ix.c_start, ix.c_end, ix.c_storage
+        has_zeros = ZEROS in c_storage
+        per_start = Counter(
+            c_start if not has_zeros else (s for s, k in zip(c_start, c_storage, strict=True) if k != ZEROS)
+        )
+        starts = sorted(per_start.keys() | ({ix.prefetch_end} if ix.prefetch_end else set()))
+        ratio, shared, n_starts, data_end = MAX_RATIO[self.storage], [], len(starts), self.data_end
+        chunks = zip(c_start, c_end, c_storage, ix.c_inner, ix.c_size, strict=True)
+        for cid, (start, end, kind, inner, size) in enumerate(chunks):
+            if kind == ZEROS:
                 continue
-            end = self.ends.get(cid)
-            if end is None:
-                j = bisect.bisect_right(starts, ix.c_start[cid])
-                end = starts[j] if j < len(starts) else self.data_end
-            ix.c_end[cid] = end
+            if not end:
+                j = bisect.bisect_right(starts, start)
+                c_end[cid] = end = starts[j] if j < n_starts else data_end
+            if inner or per_start[start] > 1:
+                shared.append(cid)
+            elif size > (end - start) * ratio:
+                raise self._member_error(cid, self._ratio_message(cid, end - start, ratio))
+        self.check_members(shared)
+
+    def check_members(self, chunks: list[int]) -> None:
+        """Refuse chunk geometry that no honest writer produces, so that decoding a chunk never
+        inflates more than its member can hold. Chunks sharing a compressed start lie in one member
+        (eStargz packs small files into one gzip member, `innerOffset` telling where each begins).
+        In that member's output, sorted by innerOffset, chunks must not overlap (the same chunk named
+        twice is allowed); before each one only the tar headers of the TOC entries since the previous
+        payload may lie (`Limits.header_allowance` each); and the member cannot inflate to more than
+        MAX_RATIO times its compressed span."""
+        ix = self.ix
+        c_start, c_inner, c_size, c_end, c_entry = ix.c_start, ix.c_inner, ix.c_size, ix.c_end, self.c_entry
+        chunks = sorted(chunks, key=lambda c: (c_start[c], c_inner[c]))
+        allowance, ratio = self.limits.header_allowance, MAX_RATIO[self.storage]
+        first = 0
+        while first < len(chunks):
+            start = c_start[chunks[first]]
+            last = first + 1
+            while last < len(chunks) and c_start[chunks[last]] == start:
+                last += 1
+            member, first = chunks[first:last], last
+            span = max(c_end[c] for c in member) - start
+            pos, prev = 0, member[0] - 1  # before the first payload: the headers since the chunk before
+            for c in member:
+                inner, size = c_inner[c], c_size[c]
+                if inner < pos:
+                    if (inner, size) == (c_inner[prev], c_size[prev]) and self._same_digest(c, prev):
+                        continue
+                    raise self._member_error(
+                        c, f"innerOffset {inner} overlaps the chunk before it in its member (ends at {pos})"
+                    )
+                headers = max(1, c_entry[c] - (c_entry[prev] if prev >= 0 else -1))
+                if inner - pos > headers * allowance:
+                    raise self._member_error(
+                        c,
+                        f"innerOffset {inner} leaves {inner - pos} bytes before it in its member, more "
+                        f"than the tar headers of {headers} entries can take ({headers * allowance})",
+                    )
+                pos, prev = inner + size, c
+                if pos > span * ratio:
+                    raise self._member_error(c, self._ratio_message(c, span, ratio))
+
+    def _same_digest(self, a: int, b: int) -> bool:
+        d = self.ix.c_digest
+        return d[a * 32 : a * 32 + 32] == d[b * 32 : b * 32 + 32]
+
+    def _ratio_message(self, cid: int, span: int, ratio: int) -> str:
+        ix = self.ix
+        return (
+            f"innerOffset {ix.c_inner[cid]} + size {ix.c_size[cid]} is more than a member of {span} "
+            f"compressed bytes can inflate to ({ratio}:1)"
+        )
+
+    def _member_error(self, cid: int, message: str) -> FormatError:
+        return FormatError(
+            f"{self.what}: TOC entry {self.c_entry[cid]} ({self.ix.path(self.c_ino[cid])!r}): chunk at "
+            f"offset {self.ix.c_start[cid]}: {message}: the TOC does not describe this blob"
+        )
 
     def finish_children(self) -> None:
         ix, names = self.ix, self.ix.names
@@ -516,23 +724,24 @@ class _Builder:
             ix.child_start[ino] = len(ix.child_list)
             ix.child_count[ino] = len(kids)
             ix.child_list.extend(kids)
+        self.children = {}
 
     def int_field(self, i: int, e: dict, key: str) -> int:
-        v = e.get(key, 0)
+        v = e.get(key)
         if v is None:
             return 0
-        limit = 1 << 32 if key in _U32_FIELDS else 1 << 63
-        if not isinstance(v, int) or isinstance(v, bool) or v < 0 or v >= limit:
-            raise self.fail(i, e, f"{key} must be an integer in [0, {limit}), not {v!r}")
-        return v
+        limit = _U32 if key in _U32_FIELDS else _I64
+        if type(v) is int and 0 <= v < limit:
+            return v
+        raise self.fail(i, e, f"{key} must be an integer in [0, {limit}), not {v!r}")
 
     def mtime(self, i: int, e: dict) -> int:
         text = e.get("modtime")
         if not text:
             return 0
-        ns = self.mtimes.get(text)
+        ns = self.mtimes.get(text) if type(text) is str else None
         if ns is None:
-            if not isinstance(text, str):
+            if type(text) is not str:
                 raise self.fail(i, e, "modtime is not a string")
             try:
                 t = _dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
@@ -542,13 +751,15 @@ class _Builder:
                 t = t.replace(tzinfo=_dt.UTC)
             delta = t - _dt.datetime(1970, 1, 1, tzinfo=_dt.UTC)
             ns = (delta.days * 86400 + delta.seconds) * 10**9 + delta.microseconds * 1000
+            if len(self.mtimes) >= _MTIME_CACHE:
+                self.mtimes.clear()
             self.mtimes[text] = ns
         return ns
 
     def digest(self, i: int, e: dict, value: Any) -> bytes:
         if value is None:
             return _NO_DIGEST
-        if not isinstance(value, str) or not value.startswith("sha256:") or len(value) != 71:
+        if type(value) is not str or not value.startswith("sha256:") or len(value) != 71:
             raise self.fail(i, e, f"unsupported digest {value!r} (sha256 expected)")
         try:
             return bytes.fromhex(value[7:])

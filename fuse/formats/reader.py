@@ -4,34 +4,52 @@
 often the whole TOC, and one read for the TOC when it is larger. The TOC is trusted only when its
 digest matches the expected one (eStargz: sha256 of the TOC JSON; zstd:chunked: sha256 of the
 compressed TOC; either is accepted for either format, both being digests of the same TOC); a caller
-may accept an unverifiable TOC only explicitly. Parsing and indexing run in a worker thread.
+may accept an unverifiable TOC only explicitly.
+
+Whatever a TOC claims, reading it takes bounded memory: the stored TOC is at most `MAX_STORED_TOC`
+bytes; its JSON is decompressed piece by piece and parsed one entry at a time (`_TocParser`) into the
+index builder, never held whole; the index stays within `Limits.max_index_bytes`; and at most
+`TOC_PARSES` TOCs are parsed at once in this process (in a worker thread).
 
 Chunks are fetched as compressed spans (neighbours merged into one range, up to `MERGE_CAP`),
-decompressed in a worker thread and checked against their sha256 before a byte is returned.
+decompressed in a worker thread and checked against their sha256 before a byte is returned. Decoding
+a chunk inflates only its member's bytes up to innerOffset + size, in pieces: no decompression step
+allocates more than `OUTPUT_PIECE` bytes beyond the chunk itself.
 """
 
 from __future__ import annotations
 
+import codecs
 import hashlib
-import io
 import json
+import json.scanner
+import re
 import tarfile
 import zlib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import trio
 import zstandard
 
 from .errors import FormatError, Unverified
 from .footer import ESTARGZ, TAIL_NEEDED, Footer, parse_footer
-from .index import DEFAULT_LIMITS, GZIP, REG, ZEROS, ZSTD, Chunk, LayerIndex, Limits, build_index
+from .index import DEFAULT_LIMITS, GZIP, REG, ZEROS, ZSTD, Chunk, IndexBuilder, LayerIndex, Limits
 from .source import BlobSource
 
 TAIL_READ = 256 << 10  # one suffix read: the footer, and the TOC when it fits
-MAX_TOC_SIZE = 256 << 20  # uncompressed TOC JSON; compressed TOC is capped at the same
+MAX_STORED_TOC = 64 << 20  # the TOC as stored in the blob (compressed): read and held in memory
+MAX_TOC_SIZE = 256 << 20  # the TOC JSON (streamed, never held whole: this bounds the work)
 MERGE_CAP = 8 << 20  # neighbouring chunk spans merge into one range up to this size
 TOC_NAME = "stargz.index.json"
+TAR_HEAD_LIMIT = 1 << 20  # tar bytes of the stored eStargz TOC before the TOC JSON begins
+ZSTD_MAX_WINDOW = 32 << 20  # largest zstd window accepted (zstd -19 uses 8 MiB; only --ultra/--long more)
+INPUT_PIECE = 64 << 10  # compressed bytes handed to a decompressor at once
+TEXT_PIECE = 256 << 10  # TOC JSON bytes handed to the parser at once
+OUTPUT_PIECE = 4 << 20  # decompressed bytes asked for at once
 DECODE_LIMIT = trio.CapacityLimiter(2)  # decompression threads (the machine's cores)
+TOC_PARSES = trio.CapacityLimiter(1)  # TOC parses at once: each may take Limits.max_index_bytes
 
 
 @dataclass(frozen=True)
@@ -125,25 +143,91 @@ def merge_spans(chunks: list[Chunk], cap: int = MERGE_CAP) -> list[tuple[int, in
     return groups
 
 
+# --- decompression in bounded pieces ------------------------------------------------------------------
+
+
+class _GzipReader:
+    """One gzip member inflated on demand: `read(n)` returns at most n bytes (fewer only at the end of
+    the member) and holds at most one input piece beside its output. `limit` caps the total output
+    (exceeding it is a FormatError saying `limit_reason`)."""
+
+    def __init__(self, data: bytes, limit: int | None = None, limit_reason: str = ""):
+        self._z = zlib.decompressobj(wbits=31)
+        self._in = memoryview(data)
+        self._pos = 0
+        self._tail = b""
+        self.total = 0
+        self.limit, self.limit_reason = limit, limit_reason
+
+    def read(self, n: int = -1) -> bytes:
+        if n < 0:
+            raise ValueError("read() of a whole member is not bounded: give a size")
+        parts, need, z = [], n, self._z
+        while need > 0 and not z.eof:
+            if self._tail:
+                data = self._tail
+            elif self._pos < len(self._in):
+                data = self._in[self._pos : self._pos + INPUT_PIECE]
+                self._pos += len(data)
+            else:
+                data = b""  # input used up: what zlib still holds (the rest of a long match)
+            out = z.decompress(data, need)
+            self._tail = z.unconsumed_tail
+            if not out and not data:
+                break
+            if out:
+                parts.append(out)
+                need -= len(out)
+        got = parts[0] if len(parts) == 1 else b"".join(parts)
+        self.total += len(got)
+        if self.limit is not None and self.total > self.limit:
+            raise FormatError(self.limit_reason)
+        return got
+
+
+def _inflater(storage: int, span: bytes) -> Any:
+    """A reader of a chunk's member(s): read(n) gives at most n bytes, fewer only at the end."""
+    if storage == GZIP:
+        return _GzipReader(span)
+    if storage == ZSTD:
+        return zstandard.ZstdDecompressor(max_window_size=ZSTD_MAX_WINDOW).stream_reader(
+            span, read_size=INPUT_PIECE, read_across_frames=True
+        )
+    raise ValueError(f"unknown chunk storage {storage}")
+
+
+def _read_up_to(reader: Any, n: int, keep: bool) -> tuple[int, list[bytes]]:
+    """Read n bytes (fewer at the end of the data) in pieces of at most OUTPUT_PIECE; returns the
+    count and, when `keep`, the pieces."""
+    got, parts = 0, []
+    while got < n:
+        piece = reader.read(min(n - got, OUTPUT_PIECE))
+        if not piece:
+            break
+        got += len(piece)
+        if keep:
+            parts.append(piece)
+    return got, parts
+
+
 def decode_chunk(c: Chunk, span: bytes, what: str, allow_unverified: bool = False) -> bytes:
-    """Decompress one chunk's span and return its verified bytes (blocking: call from a thread)."""
-    want = c.inner + c.size
+    """Decompress one chunk's span and return its verified bytes (blocking: call from a thread).
+    Inflates no further than innerOffset + size, skipping the first innerOffset bytes piece by
+    piece: memory stays at the chunk's size plus one piece, whatever the TOC claims."""
+    if c.storage not in (GZIP, ZSTD):
+        raise FormatError(f"{what}: unknown chunk storage {c.storage}")
     try:
-        if c.storage == GZIP:
-            data = zlib.decompressobj(wbits=31).decompress(span, want)
-        elif c.storage == ZSTD:
-            with zstandard.ZstdDecompressor().stream_reader(io.BytesIO(span), read_across_frames=True) as r:
-                data = r.read(want)
-        else:
-            raise FormatError(f"{what}: unknown chunk storage {c.storage}")
+        reader = _inflater(c.storage, span)
+        skipped, _ = _read_up_to(reader, c.inner, keep=False)
+        got, parts = _read_up_to(reader, c.size, keep=True) if skipped == c.inner else (0, [])
     except (zlib.error, zstandard.ZstdError) as e:
         raise FormatError(f"{what}: chunk at {c.start} does not decompress: {e}") from e
-    if len(data) < want:
+    if got < c.size:
         raise FormatError(
-            f"{what}: chunk at {c.start} decompresses to {len(data)} bytes, fewer than "
-            f"innerOffset {c.inner} + size {c.size}"
+            f"{what}: chunk at {c.start} decompresses to {skipped + got} bytes, fewer than "
+            f"innerOffset {c.inner} + size {c.size}: the TOC does not describe this blob"
         )
-    data = data[c.inner : want]
+    data = parts[0] if len(parts) == 1 else b"".join(parts)
     if c.digest is None:
         if not allow_unverified:
             raise Unverified(f"{what}: chunk at {c.start} has no digest in the TOC; refusing to serve it")
@@ -152,6 +236,9 @@ def decode_chunk(c: Chunk, span: bytes, what: str, allow_unverified: bool = Fals
             f"{what}: chunk at {c.start} (file offset {c.file_offset}) does not match its digest"
         )
     return data
+
+
+# --- opening a layer --------------------------------------------------------------------------------
 
 
 async def open_layer(
@@ -178,10 +265,7 @@ async def fetch_toc(source: BlobSource) -> tuple[bytes, bytes]:
         raise FormatError(f"{what}: short read of the blob's last {tail_len} bytes")
     footer_bytes = tail[-TAIL_NEEDED:] if tail_len >= TAIL_NEEDED else tail
     footer = parse_footer(footer_bytes, source.size, what)
-    if footer.toc_length > MAX_TOC_SIZE:
-        raise FormatError(
-            f"{what}: TOC of {footer.toc_length} bytes is larger than the limit of {MAX_TOC_SIZE}"
-        )
+    _check_stored_toc_size(footer, what)
     tail_start = source.size - tail_len
     if footer.toc_offset >= tail_start:
         raw = tail[footer.toc_offset - tail_start : footer.toc_offset - tail_start + footer.toc_length]
@@ -190,6 +274,14 @@ async def fetch_toc(source: BlobSource) -> tuple[bytes, bytes]:
     if len(raw) != footer.toc_length:
         raise FormatError(f"{what}: short read of the TOC")
     return footer_bytes, raw
+
+
+def _check_stored_toc_size(footer: Footer, what: str) -> None:
+    if footer.toc_length > MAX_STORED_TOC:
+        raise FormatError(
+            f"{what}: stored TOC of {footer.toc_length} bytes is larger than the limit of "
+            f"{MAX_STORED_TOC}; such a layer can only be pulled in full"
+        )
 
 
 async def layer_from_toc(
@@ -201,7 +293,8 @@ async def layer_from_toc(
     allow_unverified: bool = False,
     limits: Limits = DEFAULT_LIMITS,
 ) -> Layer:
-    """The layer from its footer and stored TOC (verified and indexed in a worker thread)."""
+    """The layer from its footer and stored TOC (verified and indexed in a worker thread, at most
+    `TOC_PARSES` at once in this process)."""
     if expected_toc_digest is None and not allow_unverified:
         raise Unverified(f"{source.description}: no expected TOC digest given; refusing an unverifiable TOC")
     footer = parse_footer(footer_bytes, source.size, source.description)
@@ -209,8 +302,9 @@ async def layer_from_toc(
         raise FormatError(
             f"{source.description}: stored TOC is {len(raw)} bytes, the footer says {footer.toc_length}"
         )
+    _check_stored_toc_size(footer, source.description)
     return await trio.to_thread.run_sync(
-        _finish_open, source, footer, raw, expected_toc_digest, allow_unverified, limits
+        _finish_open, source, footer, raw, expected_toc_digest, allow_unverified, limits, limiter=TOC_PARSES
     )
 
 
@@ -222,44 +316,247 @@ def _finish_open(
     allow_unverified: bool,
     limits: Limits,
 ) -> Layer:
-    what = source.description
-    text = _toc_json(footer, raw, what)
-    info = TocInfo(
-        "sha256:" + hashlib.sha256(text).hexdigest(), "sha256:" + hashlib.sha256(raw).hexdigest(), len(text)
-    )
-    if expected is not None and expected not in (info.json_digest, info.compressed_digest):
-        raise Unverified(f"{what}: TOC digest {info.json_digest} does not match the expected {expected}")
-    try:
-        doc = json.loads(text)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise FormatError(f"{what}: TOC is not valid JSON: {e}") from e
-    storage = GZIP if footer.format == ESTARGZ else ZSTD
-    index = build_index(doc, data_end=footer.toc_offset, storage=storage, what=what, limits=limits)
+    index, info = read_toc(footer, raw, expected, source.description, limits)
     return Layer(source, footer, index, info, allow_unverified_chunks=allow_unverified)
 
 
-def _toc_json(footer: Footer, raw: bytes, what: str) -> bytes:
-    """The TOC JSON from its stored form: a gzip member holding a tar (eStargz) or a zstd frame."""
+def read_toc(
+    footer: Footer, raw: bytes, expected: str | None, what: str, limits: Limits = DEFAULT_LIMITS
+) -> tuple[LayerIndex, TocInfo]:
+    """Verify and index a stored TOC (blocking: call from a thread). The TOC JSON is streamed from
+    `raw` into the index builder; a TOC that does not match `expected` is Unverified (also when it is
+    broken as well), one that breaks the format or `limits` a FormatError."""
+    compressed_digest = "sha256:" + hashlib.sha256(raw).hexdigest()
+    text = _TocText(_toc_pieces(footer, raw, what), footer, what)
+    builder = IndexBuilder(what, footer.toc_offset, GZIP if footer.format == ESTARGZ else ZSTD, limits)
     try:
-        if footer.format == ESTARGZ:
-            d = zlib.decompressobj(wbits=31)
-            tar_bytes = d.decompress(raw, MAX_TOC_SIZE + 4096)
-            if d.unconsumed_tail:
-                raise FormatError(f"{what}: TOC larger than the limit of {MAX_TOC_SIZE} bytes")
-            with tarfile.open(fileobj=io.BytesIO(tar_bytes)) as tar:
-                member = tar.getmember(TOC_NAME)
+        _TocParser(text, limits.max_entry_bytes, what).parse(builder.add)
+        text.drain()  # nothing but whitespace is left; the digest needs every byte
+    except FormatError as e:
+        if expected is not None and expected != compressed_digest and not text.failed:
+            text.drain()  # a TOC that is not the expected one is reported as such
+            if text.digest != expected:
+                raise Unverified(
+                    f"{what}: TOC digest {text.digest} does not match the expected {expected} "
+                    f"(and the TOC is invalid: {e})"
+                ) from e
+        raise
+    info = TocInfo(text.digest, compressed_digest, text.size)
+    if expected is not None and expected not in (info.json_digest, info.compressed_digest):
+        raise Unverified(f"{what}: TOC digest {info.json_digest} does not match the expected {expected}")
+    if footer.toc_uncompressed and text.size != footer.toc_uncompressed:
+        raise FormatError(f"{what}: TOC is {text.size} bytes, the footer says {footer.toc_uncompressed}")
+    return builder.finish(), info
+
+
+def _toc_pieces(footer: Footer, raw: bytes, what: str) -> Iterator[bytes]:
+    """The TOC JSON from its stored form, in pieces: a gzip member holding a tar (eStargz) or a zstd
+    frame (the zstd variants)."""
+    if footer.format == ESTARGZ:
+        gz = _GzipReader(
+            raw, TAR_HEAD_LIMIT, f"{what}: TOC tar has more than {TAR_HEAD_LIMIT} bytes before {TOC_NAME}"
+        )
+        with tarfile.open(fileobj=gz, mode="r|", bufsize=INPUT_PIECE) as tar:
+            for member in tar:
+                if member.name != TOC_NAME:
+                    continue
                 f = tar.extractfile(member)
                 if f is None:
                     raise FormatError(f"{what}: {TOC_NAME} in the TOC tar is not a regular file")
-                return f.read()
-        with zstandard.ZstdDecompressor().stream_reader(io.BytesIO(raw)) as r:
-            text = r.read(MAX_TOC_SIZE + 1)
-        if len(text) > MAX_TOC_SIZE:
-            raise FormatError(f"{what}: TOC larger than the limit of {MAX_TOC_SIZE} bytes")
-        if footer.toc_uncompressed and len(text) != footer.toc_uncompressed:
-            raise FormatError(f"{what}: TOC is {len(text)} bytes, the footer says {footer.toc_uncompressed}")
-        return text
-    except (zlib.error, zstandard.ZstdError, tarfile.TarError, KeyError, EOFError) as e:
-        raise FormatError(
-            f"{what}: TOC at {footer.toc_offset} cannot be read: {type(e).__name__}: {e}"
-        ) from e
+                if member.size > MAX_TOC_SIZE:
+                    raise FormatError(
+                        f"{what}: TOC of {member.size} bytes, larger than the limit of {MAX_TOC_SIZE}"
+                    )
+                gz.limit = (
+                    gz.total + member.size + TEXT_PIECE + INPUT_PIECE
+                )  # the member, the tar's read-ahead
+                while piece := f.read(TEXT_PIECE):
+                    yield piece
+                return
+        raise FormatError(f"{what}: TOC at {footer.toc_offset} cannot be read: no {TOC_NAME} in the TOC tar")
+    reader = zstandard.ZstdDecompressor(max_window_size=ZSTD_MAX_WINDOW).stream_reader(
+        raw, read_size=INPUT_PIECE
+    )
+    with reader:
+        while piece := reader.read(TEXT_PIECE):
+            yield piece
+
+
+class _TocText:
+    """The TOC JSON pieces, counted, hashed and bounded by MAX_TOC_SIZE; read errors become
+    FormatErrors (and `failed`)."""
+
+    def __init__(self, pieces: Iterator[bytes], footer: Footer, what: str):
+        self._pieces, self._footer, self._what = pieces, footer, what
+        self._hash = hashlib.sha256()
+        self.size = 0
+        self.failed = False
+
+    @property
+    def digest(self) -> str:
+        return "sha256:" + self._hash.hexdigest()
+
+    def next(self) -> bytes | None:
+        """The next piece, None at the end."""
+        try:
+            piece = next(self._pieces, None)
+        except FormatError:
+            self.failed = True
+            raise
+        except (zlib.error, zstandard.ZstdError, tarfile.TarError, EOFError) as e:
+            self.failed = True
+            raise FormatError(
+                f"{self._what}: TOC at {self._footer.toc_offset} cannot be read: {type(e).__name__}: {e}"
+            ) from e
+        if piece is None:
+            return None
+        self.size += len(piece)
+        if self.size > MAX_TOC_SIZE:
+            self.failed = True
+            raise FormatError(f"{self._what}: TOC larger than the limit of {MAX_TOC_SIZE} bytes")
+        self._hash.update(piece)
+        return piece
+
+    def drain(self) -> None:
+        while self.next() is not None:
+            pass
+
+
+_WHITESPACE = re.compile(r"[ \t\n\r]*")
+_NUMBER_TAIL = re.compile(r"[0-9eE.+-]*\Z")  # what may follow a number to the end of the buffer
+_JSON = json.JSONDecoder()
+_SCAN = json.scanner.make_scanner(_JSON)  # the C scanner: (value, end) of the value at an index
+
+
+class _TocParser:
+    """Parses the TOC document `{"entries": [...], ...}` from a `_TocText`, handing each entry to a
+    callback as soon as it is complete. It holds one piece of text and one value at a time: a value
+    (an entry, or another member of the document) longer than `max_value` characters is refused,
+    and nesting is bounded by the json module's recursion limit."""
+
+    def __init__(self, text: _TocText, max_value: int, what: str):
+        self.text, self.max_value, self.what = text, max_value, what
+        self.utf8 = codecs.getincrementaldecoder("utf-8")()
+        self.buf = ""
+        self.pos = 0
+        self.eof = False
+        self.entries = 0
+
+    def parse(self, on_entry: Callable[[Any], None]) -> None:
+        self.expect("{", "TOC is not a JSON object")
+        seen_entries = False
+        if self.peek() == "}":
+            self.pos += 1
+        else:
+            while True:
+                key = self.value("a member name of the TOC object")
+                if type(key) is not str:
+                    raise self.error("TOC object has a member name that is not a string")
+                self.expect(":", "TOC object without ':' after a member name")
+                if key == "entries":
+                    if seen_entries:
+                        raise self.error("TOC has two 'entries' lists")
+                    seen_entries = True
+                    self.expect("[", "TOC 'entries' is not a list")
+                    if self.peek() == "]":
+                        self.pos += 1
+                    else:
+                        self.parse_entries(on_entry)
+                else:
+                    self.value(f"TOC member {key[:100]!r}")
+                if self.expect(",}", "TOC object member not followed by ',' or '}'") == "}":
+                    break
+        if self.peek() != "":
+            raise self.error("TOC has data after its JSON object")
+        if not seen_entries:
+            raise self.error("TOC is not an object with an 'entries' list")
+
+    def parse_entries(self, on_entry: Callable[[Any], None]) -> None:
+        """The entries of the list, up to and including its ']'. The inner loop takes the entries that
+        lie whole in the buffer; the one that crosses its end (or anything unusual) goes through
+        `value` and `expect`, which read on and report errors."""
+        ws, scan = _WHITESPACE.match, _SCAN
+        while True:
+            buf, pos, count = self.buf, self.pos, self.entries
+            while True:
+                try:
+                    value, end = scan(buf, pos)
+                    after = ws(buf, end).end()
+                    c = buf[after]  # IndexError at the end of the buffer: the careful path
+                except (StopIteration, ValueError, IndexError, RecursionError):
+                    break
+                if c != "," and c != "]":
+                    break
+                on_entry(value)
+                count += 1
+                pos = ws(buf, after + 1).end()
+                if c == "]":
+                    self.pos, self.entries = pos, count
+                    return
+            self.pos, self.entries = pos, count
+            on_entry(self.value(f"TOC entry {self.entries}"))
+            self.entries += 1
+            if self.expect(",]", f"TOC entry {self.entries - 1} not followed by ',' or ']'") == "]":
+                return
+            self.peek()
+
+    def error(self, message: str) -> FormatError:
+        return FormatError(f"{self.what}: {message}")
+
+    def more(self) -> bool:
+        """Append the next piece of text to the buffer, dropping what was parsed; False at the end."""
+        if self.eof:
+            return False
+        piece = self.text.next()
+        try:
+            if piece is None:
+                self.eof = True
+                text = self.utf8.decode(b"", final=True)
+            else:
+                text = self.utf8.decode(piece)
+        except UnicodeDecodeError as e:
+            raise self.error(f"TOC is not valid UTF-8 JSON: {e}") from e
+        self.buf = self.buf[self.pos :] + text
+        self.pos = 0
+        return True
+
+    def peek(self) -> str:
+        """The next character that is not whitespace ("" at the end), left unread."""
+        while True:
+            self.pos = _WHITESPACE.match(self.buf, self.pos).end()
+            if self.pos < len(self.buf):
+                return self.buf[self.pos]
+            if not self.more():
+                return ""
+
+    def expect(self, chars: str, message: str) -> str:
+        c = self.peek()
+        if not c or c not in chars:
+            raise self.error(message)
+        self.pos += 1
+        return c
+
+    def value(self, what_for: str) -> Any:
+        """The next JSON value, parsed whole."""
+        self.peek()
+        while True:
+            try:
+                value, end = _JSON.raw_decode(self.buf, self.pos)
+            except json.JSONDecodeError as e:
+                problem = f"{e.msg} (character {e.pos - self.pos} of it)"
+            except RecursionError:
+                raise self.error(f"{what_for} is nested too deeply") from None
+            except ValueError as e:  # e.g. an integer of more than 4300 digits
+                raise self.error(f"{what_for} is not valid JSON: {e}") from None
+            else:
+                if self.eof or type(value) not in (int, float) or not _NUMBER_TAIL.match(self.buf, end):
+                    self.pos = end
+                    return value
+                problem = ""  # a number that may go on in the next piece ("1" of "12", "0" of "0.5")
+            if len(self.buf) - self.pos > self.max_value:
+                raise self.error(
+                    f"{what_for} is longer than {self.max_value} characters (the limit of one value)"
+                    + (f" or invalid: {problem}" if problem else "")
+                )
+            if not self.more():
+                raise self.error(f"{what_for} is not valid JSON: {problem or 'the TOC ends inside it'}")

@@ -216,3 +216,208 @@ def test_fuzzed_blobs_with_valid_footers(junk: bytes, kind: str) -> None:
             pass
 
     trio.run(attempt)
+
+
+def packed_estargz(files: dict[str, bytes], root: str | None = None) -> tuple[bytes, str]:
+    """An eStargz blob as stargz writes it with a minimal chunk size: the tar headers before the first
+    payload in one gzip member, every later header and payload in a second member, each file found by
+    its innerOffset in that member (directories between them add headers there too)."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.GNU_FORMAT) as tar:
+        if root is not None:
+            info = tarfile.TarInfo(root)
+            info.type, info.mode = tarfile.DIRTYPE, 0o750
+            tar.addfile(info)
+        for name, data in files.items():
+            d = tarfile.TarInfo(f"dir-before-{name}")
+            d.type = tarfile.DIRTYPE
+            tar.addfile(d)
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    stream = buf.getvalue()
+    with tarfile.open(fileobj=io.BytesIO(stream)) as tar:
+        members = {m.name: m for m in tar.getmembers()}
+    first = members[next(iter(files))].offset_data
+    head = gzip.compress(stream[:first], mtime=0)
+    rest = gzip.compress(stream[first:], mtime=0)
+    entries: list[dict] = [] if root is None else [{"name": root, "type": "dir", "mode": 0o750}]
+    for name, data in files.items():
+        entries.append({"name": f"dir-before-{name}/", "type": "dir"})
+        entries.append(
+            {
+                "name": name,
+                "type": "reg",
+                "size": len(data),
+                "offset": len(head),
+                "innerOffset": members[name].offset_data - first,
+                "chunkDigest": sha(data),
+            }
+        )
+    toc = json.dumps({"version": 1, "entries": entries}, indent="\t").encode()
+    tar_buf = io.BytesIO()
+    with tarfile.open(fileobj=tar_buf, mode="w") as tar:
+        info = tarfile.TarInfo("stargz.index.json")
+        info.size = len(toc)
+        tar.addfile(info, io.BytesIO(toc))
+    toc_offset = len(head) + len(rest)
+    blob = head + rest + gzip.compress(tar_buf.getvalue(), mtime=0) + gzip_footer(toc_offset)
+    return blob, sha(toc)
+
+
+async def test_small_files_packed_in_one_member_are_read_by_their_inner_offset() -> None:
+    files = {"a": b"A" * 700, "b": b"b" * 100, "c": bytes(range(256)) * 300, "d": b"d"}
+    blob, digest = packed_estargz(files, root="./")
+    layer = await open_layer(BytesSource(blob, "packed"), digest)
+    assert len({layer.index.chunk(c).start for c in range(len(files))}) == 1
+    for name, data in files.items():
+        assert await layer.read_file(name) == data
+    assert layer.index.stat(1).mode == 0o750  # the root entry './'
+
+
+async def test_a_dot_root_entry_as_umoci_writes_it() -> None:
+    """Issue 13: a TOC entry named '.' (umoci's root) made the whole layer fall back to a full pull."""
+
+    def with_root(doc: dict) -> None:
+        doc["entries"].insert(0, {"name": ".", "type": "dir", "mode": 0o711, "uid": 5})
+
+    blob, digest = tiny_estargz(FILES, with_root)
+    layer = await open_layer(BytesSource(blob, "dot"), digest)
+    st_ = layer.index.stat(1)
+    assert (st_.mode, st_.uid) == (0o711, 5)
+    assert await layer.read_file("dir/b") == FILES["dir/b"]
+
+
+async def test_toc_documents_that_are_not_a_toc() -> None:
+    for doc, message in [
+        ([], "TOC is not a JSON object"),
+        ({"version": 1}, "not an object with an 'entries' list"),
+        ({"entries": {"a": 1}}, "'entries' is not a list"),
+        ({"entries": [1]}, "TOC entry 0 is not an object"),
+        ({"entries": [], "other": {"nested": [1, 2.5, None]}}, ""),  # other members are skipped
+    ]:
+        text = json.dumps(doc).encode()
+        zblob = zstd_blob(text)
+        try:
+            await open_layer(BytesSource(zblob, "doc"), None, allow_unverified=True)
+        except FormatError as e:
+            assert message and message in str(e), (doc, e)
+        else:
+            assert not message, doc
+    with pytest.raises(FormatError, match="data after its JSON object"):
+        await open_layer(BytesSource(zstd_blob(b'{"entries":[]} {}'), "x"), None, allow_unverified=True)
+    with pytest.raises(FormatError, match="two 'entries' lists"):
+        await open_layer(
+            BytesSource(zstd_blob(b'{"entries":[],"entries":[]}'), "x"), None, allow_unverified=True
+        )
+
+
+async def test_a_broken_toc_that_is_not_the_expected_one_is_unverified() -> None:
+    blob = zstd_blob(b'{"entries":[{"name":"/abs","type":"dir"}]}')
+    with pytest.raises(Unverified, match=r"does not match the expected .* \(and the TOC is invalid"):
+        await open_layer(BytesSource(blob, "x"), sha(b"another"))
+
+
+def zstd_blob(toc: bytes) -> bytes:
+    """A stargz zstd blob with no data and the given TOC JSON."""
+    ctoc = zstandard.ZstdCompressor().compress(toc)
+    return (
+        SKIPPABLE_MAGIC
+        + struct.pack("<I", len(ctoc))
+        + ctoc
+        + zstd_footer(b"GnUlInUx", (8, len(ctoc), len(toc), 1))
+    )
+
+
+_json_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-10, 1 << 64) | st.floats(allow_nan=False) | st.text(max_size=6),
+    lambda kids: (
+        st.lists(kids, max_size=3)
+        | st.dictionaries(st.sampled_from(["name", "type", "size", "entries", "x", "é"]), kids, max_size=4)
+    ),
+    max_leaves=16,
+)
+_toc_entry = st.fixed_dictionaries(
+    {
+        "name": st.text(st.sampled_from("ab/.é"), max_size=6),
+        "type": st.sampled_from(["reg", "dir", "symlink", "chunk"]),
+    },
+    optional={"size": st.integers(0, 9), "offset": st.integers(0, 99), "linkName": st.text(max_size=3)},
+)
+_toc_docs = st.one_of(
+    _json_values,
+    st.builds(
+        lambda entries, extra: {"version": 1, **extra, "entries": entries},
+        st.lists(st.one_of(_toc_entry, _json_values), max_size=6),
+        st.dictionaries(st.sampled_from(["version", "x"]), _json_values, max_size=2),
+    ),
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(_toc_docs, st.integers(1, 50), st.sampled_from([None, "\t", 1]), st.integers(0, 1 << 16))
+def test_fuzzed_streamed_tocs_read_as_json_loads_reads_them(doc, piece: int, indent, cut: int) -> None:
+    """The streamed TOC parser, whatever the piece boundaries, accepts and indexes exactly what
+    json.loads + build_index does, and a truncated TOC is a FormatError, never another exception."""
+    from unittest import mock
+
+    from fuse.formats import Footer, build_index, read_toc
+    from fuse.formats import reader as reader_module
+    from fuse.formats.index import ZSTD
+
+    text = json.dumps(doc, indent=indent, ensure_ascii=False).encode()
+
+    def streamed(text: bytes):
+        raw = zstandard.ZstdCompressor().compress(text)
+        footer = Footer(ESTARGZ_ZSTD, 48, 1000, len(raw), len(text))
+        with mock.patch.object(reader_module, "TEXT_PIECE", piece):
+            try:
+                ix = read_toc(footer, raw, None, "fuzz")[0]
+            except FormatError:
+                return "FormatError"
+        return sorted(ix.path(i) for i in range(1, ix.inode_count + 1))
+
+    try:
+        ix = build_index(json.loads(text), data_end=1000, storage=ZSTD, what="fuzz")
+        reference = sorted(ix.path(i) for i in range(1, ix.inode_count + 1))
+    except FormatError:
+        reference = "FormatError"
+    assert streamed(text) == reference
+    if cut < len(text) and text[cut:].strip():
+        assert streamed(text[:cut]) == "FormatError"
+
+
+async def test_toc_parses_run_one_at_a_time_in_the_process(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each parse may take up to Limits.max_index_bytes: several layers opened at once (an image's
+    first Prepare) queue for it instead of adding up."""
+    import threading
+    import time
+
+    import trio
+
+    from fuse.formats import layer_from_toc
+    from fuse.formats import reader as reader_module
+
+    running, most = [0], [0]
+    lock = threading.Lock()
+    real = reader_module._finish_open
+
+    def counting(*args):
+        with lock:
+            running[0] += 1
+            most[0] = max(most[0], running[0])
+        time.sleep(0.05)
+        try:
+            return real(*args)
+        finally:
+            with lock:
+                running[0] -= 1
+
+    monkeypatch.setattr(reader_module, "_finish_open", counting)
+    blob, digest = tiny_estargz(FILES)
+    src = BytesSource(blob, "tiny")
+    footer, raw = await reader_module.fetch_toc(src)
+    async with trio.open_nursery() as nursery:
+        for _ in range(4):
+            nursery.start_soon(layer_from_toc, src, footer, raw, digest)
+    assert most[0] == 1
