@@ -9,8 +9,10 @@ zstd:chunked, the TOC digest the labels lack), verifies its TOC, stores footer a
 `<root>/layers/<name>/` (so a restart needs no network), and shows it in the FUSE mount as
 `<root>/mnt/<name>`. Directories a layer creates only implicitly take their attributes from the same
 directory in the layers below, resolved as overlayfs merges them and never through a symlink (see
-`_inherit`). Layers are reference counted by the snapshots that use them. Anything that makes a
-layer not lazily loadable (an ordinary layer, a TOC that does not verify, a registry that does not answer
+`_inherit`). Layers are reference counted by the snapshots that use them. The labels of a layer's
+Prepare also name the image's other layers: their TOCs are read and indexed at once, concurrently, so
+the Prepares that containerd sends one after another find them ready. Anything that makes a layer not
+lazily loadable (an ordinary layer, a TOC that does not verify, a registry that does not answer
 in time) is a `Fallback` with its reason: containerd then pulls the layer in full.
 
 Runs on the daemon's trio loop; gRPC threads call it through `trio.from_thread.run`.
@@ -18,10 +20,12 @@ Runs on the daemon's trio loop; gRPC threads call it through `trio.from_thread.r
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import json
 import logging
 import os
+import re
 import stat
 from collections import Counter
 from collections.abc import Mapping
@@ -31,7 +35,15 @@ from pathlib import Path
 import trio
 
 from fuse.fetch import Fetcher, LayerHandle
-from fuse.formats import FormatError, NotLazy, RegistrySource, Unverified, fetch_toc, layer_from_toc
+from fuse.formats import (
+    FormatError,
+    Layer,
+    NotLazy,
+    RegistrySource,
+    Unverified,
+    fetch_toc,
+    layer_from_toc,
+)
 from fuse.formats.annotations import expected_toc_digest
 from fuse.formats.index import DIR, ROOT, LayerIndex
 from fuse.fs import LazyFS
@@ -47,6 +59,11 @@ STARGZ_DIGEST = "containerd.io/snapshot/remote/stargz.digest"
 CRI_REFERENCE = "containerd.io/snapshot/cri.image-ref"
 CRI_DIGEST = "containerd.io/snapshot/cri.layer-digest"
 CRI_MANIFEST = "containerd.io/snapshot/cri.manifest-digest"
+STARGZ_LAYERS = "containerd.io/snapshot/remote/stargz.layers"  # this layer's digest, then those above
+CRI_LAYERS = "containerd.io/snapshot/cri.image-layers"  # every layer of the image
+MAX_AHEAD = 128  # layers opened ahead from one Prepare's labels (images have far fewer)
+AHEAD_KEEP = 120.0  # seconds a layer opened ahead waits for its own Prepare before it is dropped
+_DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
 
 
 class Fallback(Exception):
@@ -64,6 +81,7 @@ class RemoteRequest:
     digest: str  # layer blob digest
     toc_digest: str | None
     manifest_digest: str | None
+    image_layers: tuple[str, ...] = ()  # the image's other layers the labels name (opened ahead)
 
 
 def remote_request(labels: dict[str, str]) -> RemoteRequest | None:
@@ -77,12 +95,32 @@ def remote_request(labels: dict[str, str]) -> RemoteRequest | None:
         reference = Reference.parse(ref)
     except ValueError:
         return None
-    return RemoteRequest(target, reference, digest, labels.get(TOC_DIGEST), labels.get(CRI_MANIFEST))
+    named = (labels.get(STARGZ_LAYERS) or labels.get(CRI_LAYERS) or "").split(",")
+    others = tuple(dict.fromkeys(d for d in named if _DIGEST.fullmatch(d) and d != digest))[:MAX_AHEAD]
+    return RemoteRequest(target, reference, digest, labels.get(TOC_DIGEST), labels.get(CRI_MANIFEST), others)
 
 
 def layer_name(digest: str) -> str:
     """The layer's directory name in the FUSE mount and under layers/: "sha256-<hex>"."""
     return digest.replace(":", "-")
+
+
+@dataclass
+class _Ahead:
+    """A layer whose TOC is being read before its own Prepare arrives."""
+
+    done: trio.Event
+    toc_digest: str | None = None  # what it was verified against
+    result: _Toc | None = None  # None: failed or timed out (its Prepare reads it again, and reports)
+
+
+@dataclass(frozen=True)
+class _Toc:
+    desc: dict
+    expected: str
+    footer: bytes
+    toc: bytes
+    layer: Layer
 
 
 @dataclass
@@ -113,6 +151,8 @@ class RemoteLayers:
         self._layers: dict[str, _Entry] = {}
         self._opening: dict[str, trio.Event] = {}
         self._manifests: dict[str, dict] = {}
+        self._manifest_loading: dict[str, trio.Event] = {}
+        self._ahead: dict[str, _Ahead] = {}  # layers opened ahead of their Prepare, by name
         self.fallbacks: Counter[str] = Counter()
         self._nursery: trio.Nursery | None = None
         self._max_slot = 0
@@ -168,6 +208,7 @@ class RemoteLayers:
             raise Fallback(
                 "stopped", f"{req.ref} layer {req.digest}: the lazy data path stopped: {self.stopped}"
             )
+        self._open_ahead(req)
         while name in self._opening:  # another Prepare opens the same layer: share its result
             await self._opening[name].wait()
         entry = self._layers.get(name)
@@ -202,7 +243,41 @@ class RemoteLayers:
             self.fs.release_layer(name)
             _remove_dir(self.dir / name)
 
-    async def _open(self, req: RemoteRequest, name: str, lower: list[str]) -> _Entry:
+    def _open_ahead(self, req: RemoteRequest) -> None:
+        """Start reading the TOCs of the image's other layers now: containerd prepares layers one
+        after another, and each would otherwise wait for its own TOC's round trips and index build."""
+        if self._nursery is None:
+            return
+        for digest in req.image_layers:
+            name = layer_name(digest)
+            if name in self._layers or name in self._opening or name in self._ahead:
+                continue
+            ahead = self._ahead[name] = _Ahead(trio.Event())
+            other = dataclasses.replace(req, digest=digest, toc_digest=None, image_layers=())
+            self._nursery.start_soon(self._read_ahead, other, name, ahead)
+
+    async def _read_ahead(self, req: RemoteRequest, name: str, ahead: _Ahead) -> None:
+        with trio.move_on_after(self.open_timeout):
+            try:
+                ahead.result = await self._read_toc(req)
+                ahead.toc_digest = ahead.result.expected
+            except Exception as e:  # its own Prepare reads it again and reports why
+                log.debug("reading %s ahead failed: %s", name, e)
+        ahead.done.set()
+        await trio.sleep(AHEAD_KEEP)  # never asked for (the image was pulled another way): forget it
+        if self._ahead.get(name) is ahead:
+            del self._ahead[name]
+
+    async def _toc(self, req: RemoteRequest, name: str) -> _Toc:
+        """The layer's verified TOC: read ahead by an earlier Prepare of the same image, or now."""
+        ahead = self._ahead.pop(name, None)
+        if ahead is not None:
+            await ahead.done.wait()
+            if ahead.result is not None and req.toc_digest in (None, ahead.toc_digest):
+                return ahead.result
+        return await self._read_toc(req)
+
+    async def _read_toc(self, req: RemoteRequest) -> _Toc:
         what = f"{req.ref} layer {req.digest}"
         try:
             desc = await self._descriptor(req)
@@ -220,6 +295,11 @@ class RemoteLayers:
             raise Fallback("format-error", str(e)) from None
         except RegistryError as e:
             raise Fallback("registry", f"{what}: {e}") from None
+        return _Toc(desc, expected, footer, toc, layer)
+
+    async def _open(self, req: RemoteRequest, name: str, lower: list[str]) -> _Entry:
+        got = await self._toc(req, name)
+        desc, expected, footer, toc, layer = got.desc, got.expected, got.footer, got.toc, got.layer
         inherited: dict[str, list[int]] = {}
         if layer.index.implicit and lower:
             # lazy layers below are read from their indexes (never through our own FUSE mount, which
@@ -248,13 +328,21 @@ class RemoteLayers:
     async def _descriptor(self, req: RemoteRequest) -> dict:
         """The layer's descriptor in its image manifest (size, annotations), the manifest cached."""
         key = f"{req.ref.name}@{req.manifest_digest}" if req.manifest_digest else str(req.ref)
+        while key in self._manifest_loading:  # layers opened together share one manifest fetch
+            await self._manifest_loading[key].wait()
         manifest = self._manifests.get(key)
         if manifest is None:
-            if req.manifest_digest:
-                body, kind, _ = await self.client.get_manifest(req.ref.with_digest(req.manifest_digest))
-                manifest, _ = mf.parse(body, kind, key)
-            else:
-                manifest = (await self.client.resolve(req.ref)).manifest
+            self._manifest_loading[key] = trio.Event()
+            try:
+                if req.manifest_digest:
+                    body, kind, _ = await self.client.get_manifest(req.ref.with_digest(req.manifest_digest))
+                    manifest, _ = mf.parse(body, kind, key)
+                else:
+                    manifest = (await self.client.resolve(req.ref)).manifest
+            finally:
+                self._manifest_loading.pop(key).set()
+            if len(self._manifests) >= 256:  # a bounded cache: forget the oldest
+                del self._manifests[next(iter(self._manifests))]
             self._manifests[key] = manifest
         for desc in manifest.get("layers", []):
             if desc.get("digest") == req.digest:

@@ -11,6 +11,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+import grpc
 import pytest
 import trio
 
@@ -304,3 +305,62 @@ def test_dead_fuse_server_fails_readers_instead_of_hanging(
     assert "the FUSE server stopped unexpectedly" in log
     assert "lazysnap serve: the data path stopped" in log
     assert "Traceback" not in log, "the daemon should exit with one line, not a traceback"
+
+
+def test_first_prepare_reads_every_layers_toc_ahead(
+    registry: Registry, snapshotter_factory, workdir: Path
+) -> None:
+    """containerd prepares an image's layers one after another; the labels of the first Prepare name
+    them all, so the daemon reads and indexes every TOC at once. Each later Prepare then finds its layer
+    ready: it causes no registry request of its own, and no TOC is read twice."""
+    snapshotter = lazysnap_with(snapshotter_factory, workdir, background=False, prefetch=False)
+    image = im.Image(
+        [im.Layer([im.File(f"layer{i}/file", im.pseudo_random(300 << 10, seed=20 + i))]) for i in range(4)]
+    )
+    ref = accelerate(registry, "lazy/ahead", image)
+
+    async def descriptors() -> list[dict]:
+        client = anonymous_client()
+        async with client:
+            return (await client.resolve(Reference.parse(ref))).layers
+
+    digests = [d["digest"] for d in trio.run(descriptors)]
+    client = snapshotter.client()
+
+    def prepare(i: int) -> None:
+        labels = {
+            "containerd.io/snapshot.ref": f"sha256:{i:064x}",
+            "containerd.io/snapshot/stargz/toc.digest": "",
+            "containerd.io/snapshot/remote/stargz.reference": ref,
+            "containerd.io/snapshot/remote/stargz.digest": digests[i],
+            "containerd.io/snapshot/remote/stargz.layers": ",".join(digests[i:]),
+        }
+        labels = {k: v for k, v in labels.items() if v}
+        parent = f"sha256:{i - 1:064x}" if i else ""
+        with pytest.raises(grpc.RpcError) as claimed:
+            client.prepare(f"extract-{i}", parent, labels)
+        assert claimed.value.code() == grpc.StatusCode.ALREADY_EXISTS, claimed.value
+
+    def blob_requests() -> dict[str, int]:
+        counts = dict.fromkeys(digests, 0)
+        for r in registry.requests():
+            for d in digests:
+                if r.method == "GET" and d in r.path:
+                    counts[d] += 1
+        return counts
+
+    prepare(0)
+    deadline = time.monotonic() + 20
+    while 0 in blob_requests().values() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    after_first = blob_requests()
+    assert 0 not in after_first.values(), f"the first Prepare did not read every TOC: {after_first}"
+    time.sleep(0.5)  # reads ahead settle
+    settled = blob_requests()
+    for i in range(1, len(digests)):
+        prepare(i)
+    assert blob_requests() == settled, (
+        "a later Prepare read its TOC again instead of using the one read ahead"
+    )
+    assert all(n <= 2 for n in settled.values()), settled  # a tail read, and the TOC when it is larger
+    assert len(list((snapshotter.root / "mnt").iterdir())) == len(digests)
