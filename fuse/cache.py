@@ -18,9 +18,16 @@ Guarantees:
   `fsync=False`); after that, and for files this process wrote itself, reads are size-checked only.
   `layer-` keys have no digest: they are size-checked only, always.
 - Bounded: past `limit_bytes`, `put` evicts least recently used entries first, never a pinned one (so
-  usage may exceed the limit while pins hold it). Recency lives in memory; a hit older than
+  usage may exceed the limit while pins hold it). A filesystem that fills up first (ENOSPC, EDQUOT)
+  lowers the limit to what fit, for `FULL_RECHECK` seconds: `put` evicts to make room and writes once
+  more. Recency lives in memory; a hit older than
   `TOUCH_AFTER` seconds is written back as the file's mtime on the next worker-thread trip (or
   `flush()`), and `open()` orders entries by mtime, so LRU order survives restarts approximately.
+
+A failing disk never takes the caller down with it: a write that cannot be done (full even after
+eviction, read-only, EIO) is a `CacheError` for that chunk alone, and a directory removed under us is
+made again; a read that fails with an I/O error is a miss (the entry is dropped, the chunk refetched).
+Each kind of failure is counted in `stats()` and logged at most once per `LOG_INTERVAL`.
 
 Never blocking the trio loop: `get` opens the file with openat2(RESOLVE_CACHED) (fails instead of
 reading directories from disk) and reads it with preadv(RWF_NOWAIT) (fails instead of waiting for the
@@ -40,10 +47,12 @@ import errno
 import hashlib
 import itertools
 import logging
+import math
 import os
 import re
 import secrets
 import sys
+import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
@@ -61,6 +70,10 @@ TMP_PREFIX = ".tmp-"  # temp files of writes in progress; never a valid key
 TOUCH_AFTER = 600.0  # seconds: a hit on a file whose mtime is older than this persists its recency
 TOUCH_BATCH = 4096  # recency updates carried by one worker-thread trip of `put`
 SCRATCH_MAX = 16 << 20  # in-loop reads of larger chunks allocate their own buffer
+FULL_RECHECK = 300.0  # seconds a full filesystem's lowered limit holds before the configured one is tried
+LOG_INTERVAL = 60.0  # seconds: a recurring failure is logged once per interval, with a count
+_FULL = (errno.ENOSPC, errno.EDQUOT)
+_TRANSIENT = (errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.EINTR, errno.EAGAIN)  # not the file's fault
 _KEY_RE = re.compile(r"sha256-[0-9a-f]{64}|layer-[A-Za-z0-9_]{1,180}-[0-9]{1,19}")
 _SAFE_LAYER_CHAR = re.compile(r"[^A-Za-z0-9]")
 _NOWAIT_UNSUPPORTED = (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS)
@@ -68,6 +81,29 @@ _NOWAIT_UNSUPPORTED = (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS)
 
 class CacheError(Exception):
     """A chunk cache operation that failed; the message names the key and what to do."""
+
+
+class LogThrottle:
+    """Logs a recurring failure at most once per `interval` seconds, with the count of those not logged
+    (a full disk fails every chunk write: one line a minute, not thousands). Thread-safe."""
+
+    def __init__(self, logger: logging.Logger, interval: float = LOG_INTERVAL):
+        self.logger, self.interval = logger, interval
+        self._lock = threading.Lock()
+        self._next = -math.inf
+        self._quiet = 0
+
+    def warning(self, msg: str, *args: object, **kw) -> None:
+        with self._lock:
+            now = time.monotonic()
+            if now < self._next:
+                self._quiet += 1
+                return
+            quiet, self._quiet, self._next = self._quiet, 0, now + self.interval
+        if quiet:
+            msg += " (%d more like it since the last such message)"
+            args = (*args, quiet)
+        self.logger.warning(msg, *args, **kw)
 
 
 @dataclass(frozen=True)
@@ -87,6 +123,9 @@ class CacheStats:
     open_fallbacks: int  # get() whose open() went to a worker thread (path not in the dentry cache)
     verified_on_read: int  # sha256 checks on a first read after a restart
     nowait_supported: bool  # False once the filesystem refused RWF_NOWAIT (every read then in a thread)
+    write_errors: int  # put() calls that stored nothing: disk full even after eviction, read-only, EIO
+    read_errors: int  # get() calls that failed with an I/O error (a miss: the chunk is fetched again)
+    effective_limit: int  # what put() evicts down to: below `limit` for a while after the disk was full
 
 
 @dataclass(slots=True)
@@ -209,6 +248,13 @@ class ChunkCache:
         self._hits = self._misses = self._evictions = self._corrupt = 0
         self._stored = self._duplicates = 0
         self._nowait_reads = self._nowait_misses = self._open_fallbacks = self._verified_on_read = 0
+        self._write_errors = self._read_errors = 0
+        self._full_limit: int | None = None  # usage at which the filesystem was found full
+        self._full_until = 0.0  # time.monotonic() when the configured limit is tried again
+        self._write_log = LogThrottle(log)
+        self._read_log = LogThrottle(log)
+        self._drop_log = LogThrottle(log)
+        self._unlink_log = LogThrottle(log)
 
     # --- keys -------------------------------------------------------------------------------------
 
@@ -260,8 +306,16 @@ class ChunkCache:
         )
 
     def _scan(self) -> list[tuple[str, bytes, int, float]]:
-        self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
-        os.chmod(self.root, 0o700)  # chunks of images carry their secrets
+        try:
+            self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
+        except OSError as e:
+            raise CacheError(
+                f"chunk cache: cannot create {self.root}: {e}; set cache_path to a writable directory"
+            ) from e
+        try:
+            os.chmod(self.root, 0o700)  # chunks of images carry their secrets
+        except OSError as e:  # read-only: the chunks there are still served
+            log.warning("chunk cache %s: cannot make it 0700: %s", self.root, e)
         found: list[tuple[str, bytes, int, float]] = []
         removed = 0
         for i in range(256):
@@ -269,7 +323,8 @@ class ChunkCache:
             try:
                 names = os.listdir(sub)
             except FileNotFoundError:
-                os.mkdir(sub, 0o700)
+                with contextlib.suppress(OSError):  # read-only: put() reports it, per chunk
+                    os.mkdir(sub, 0o700)
                 continue
             for name in names:
                 full = os.path.join(sub, name)
@@ -277,7 +332,7 @@ class ChunkCache:
                     try:
                         os.unlink(full)
                         removed += 1
-                    except FileNotFoundError:
+                    except OSError:  # gone, or a read-only directory: never a key, never served
                         pass
                     continue
                 if not _KEY_RE.fullmatch(name) or _fanout(name) != sub[-2:]:
@@ -294,10 +349,16 @@ class ChunkCache:
             self._opener.probe(found[0][1])
         else:
             probe = os.path.join(self.root, "00", TMP_PREFIX + "probe")
-            with open(probe, "wb"):
-                pass
-            self._opener.probe(os.fsencode(probe))
-            os.unlink(probe)
+            try:
+                with open(probe, "wb"):
+                    pass
+            except OSError as e:
+                log.warning(
+                    "chunk cache %s is not writable (%s): chunks are not stored until it is", self.root, e
+                )
+            else:
+                self._opener.probe(os.fsencode(probe))
+                os.unlink(probe)
         return found
 
     async def flush(self) -> None:
@@ -341,6 +402,9 @@ class ChunkCache:
             open_fallbacks=self._open_fallbacks,
             verified_on_read=self._verified_on_read,
             nowait_supported=self._nowait,
+            write_errors=self._write_errors,
+            read_errors=self._read_errors,
+            effective_limit=self._limit_now(),
         )
 
     # --- pins -------------------------------------------------------------------------------------
@@ -414,6 +478,14 @@ class ChunkCache:
         except FileNotFoundError:  # evicted meanwhile (a miss), or deleted behind our back (corrupt)
             self._drop_lost(key, entry, "file vanished")
             return None
+        except OSError as e:  # EIO, a damaged filesystem: a miss, the caller fetches the chunk again
+            self._read_errors += 1
+            self._read_log.warning("chunk cache %s: cannot read %s: %s; fetching it again", self.root, key, e)
+            if e.errno in _TRANSIENT:
+                self._misses += 1
+            else:  # the file is bad: dropped, and replaced by the next put
+                await self._drop_corrupt(key, entry, f"unreadable ({e})")
+            return None
         finally:
             if fd is not None:
                 os.close(fd)
@@ -463,7 +535,9 @@ class ChunkCache:
             self._used -= entry.size
             self._corrupt += 1
             self._touch.pop(key, None)
-            log.warning("chunk cache %s: dropped %s: %s; it will be fetched again", self.root, key, why)
+            self._drop_log.warning(
+                "chunk cache %s: dropped %s: %s; it will be fetched again", self.root, key, why
+            )
 
     async def _drop_corrupt(self, key: str, entry: _Entry, why: str) -> None:
         """Take a corrupt file out of the index now and unlink it before returning."""
@@ -478,7 +552,9 @@ class ChunkCache:
 
     async def put(self, key: str, data: bytes) -> None:
         """Store a verified chunk (no-op when it is cached already or being stored by another task).
-        For `sha256-` keys the digest is checked again before the file becomes visible: CacheError."""
+        For `sha256-` keys the digest is checked again before the file becomes visible: CacheError.
+        A chunk that cannot be written (disk full even after evicting, read-only, EIO) is a CacheError
+        too; nothing is stored, the cache stays consistent and usable."""
         self._check_open()
         path = self._path(key)
         while True:
@@ -510,7 +586,7 @@ class ChunkCache:
         self._writing_bytes += len(data)
         try:
             self._evict()  # make room first, counting the bytes being written
-            stamp = await self._trip((path, data, key))
+            stamp = await self._write(path, data, key)
             self._index[key] = _Entry(path, len(data), stamp, verified=True)
             self._used += len(data)
             self._stored += 1
@@ -523,10 +599,74 @@ class ChunkCache:
         if self._doomed:
             await self._trip()
 
+    async def _write(self, path: bytes, data: bytes, key: str) -> float:
+        """Write a chunk file (in a worker-thread trip) and return its mtime. A full filesystem lowers
+        the limit and evicts to make room, a removed directory is made again; then one more try."""
+        for attempt in range(2):
+            try:
+                return await self._trip((path, data, key))
+            except OSError as e:
+                if attempt or not await self._recover(e, path):
+                    self._write_errors += 1
+                    hint = (
+                        "free space there or lower cache_limit"
+                        if e.errno in _FULL
+                        else "check the cache filesystem (read-only? I/O errors in dmesg?)"
+                    )
+                    error = CacheError(
+                        f"chunk cache: cannot store {key} in {self.root}: {e}; the chunk is served "
+                        f"from memory and the network meanwhile; {hint}"
+                    )
+                    self._write_log.warning("%s", error)
+                    raise error from e
+        raise AssertionError("unreachable")
+
+    async def _recover(self, e: OSError, path: bytes) -> bool:
+        """After a failed write: make a retry worthwhile if possible (True), else False."""
+        if e.errno in _FULL:
+            self._full_limit = min(
+                self._used, self._full_limit if self._full_limit is not None else self._used
+            )
+            self._full_until = time.monotonic() + FULL_RECHECK
+            before = self._used
+            self._evict()
+            if self._used == before:  # nothing of ours to free (empty, or all pinned)
+                return False
+            self._write_log.warning(
+                "chunk cache %s: the filesystem is full with %d bytes of chunks (limit %d): evicting down "
+                "to that for %.0fs",
+                self.root,
+                before,
+                self.limit,
+                FULL_RECHECK,
+            )
+            return True
+        if e.errno == errno.ENOENT:  # the cache directory was removed under us: make it again
+            try:
+                await trio.to_thread.run_sync(self._make_dirs, path, limiter=self._write_limiter)
+            except OSError:
+                return False
+            self._write_log.warning("chunk cache %s: directory was removed; made it again", self.root)
+            return True
+        return False
+
+    def _make_dirs(self, path: bytes) -> None:
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(self.root, 0o700)
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(os.path.dirname(path), 0o700)
+
+    def _limit_now(self) -> int:
+        """The limit `put` evicts down to: the configured one, or lower while the disk is full."""
+        if self._full_limit is not None and time.monotonic() >= self._full_until:
+            self._full_limit = None
+            log.info("chunk cache %s: trying the configured limit of %d bytes again", self.root, self.limit)
+        return self.limit if self._full_limit is None else min(self.limit, self._full_limit)
+
     def _evict(self, keep: str | None = None) -> None:
         """Move least recently used, unpinned entries (but `keep`, just stored) out of the index until
         usage plus the bytes being written fits the limit; the next worker-thread trip unlinks them."""
-        over = self._used + self._writing_bytes - self.limit
+        over = self._used + self._writing_bytes - self._limit_now()
         if over <= 0:
             return
         victims: list[str] = []
@@ -587,7 +727,7 @@ class ChunkCache:
             except FileNotFoundError:
                 pass
             except OSError as e:  # not fatal for the cache: the file is out of the index already
-                log.warning("chunk cache %s: cannot remove %s: %s", self.root, os.fsdecode(p), e)
+                self._unlink_log.warning("chunk cache %s: cannot remove %s: %s", self.root, os.fsdecode(p), e)
         progress.append("unlinked")
         for p in touch:
             try:
@@ -618,11 +758,9 @@ class ChunkCache:
             finally:
                 os.close(fd)
             os.rename(tmp, path)
-        except BaseException as e:
+        except BaseException:  # OSError goes to `_write`, which may make room and try again
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
-            if isinstance(e, OSError):
-                raise CacheError(f"chunk cache: cannot store {key} in {self.root}: {e}") from e
             raise
         return stamp
 

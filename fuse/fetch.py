@@ -5,9 +5,25 @@
 - In-flight deduplication by chunk: a hundred readers of one chunk cause one request; a chunk already
   being fetched as part of a neighbour's range is waited for, never fetched twice.
 - A miss fetches the missing chunks that follow it in the blob too (the rest of a large file, the next
-  small files, which are usually read next), merged into one range up to `merge_cap`.
+  small files, which are usually read next), merged into one range up to `merge_cap` compressed bytes
+  and `inflate_cap` decompressed bytes as the TOC declares them (innerOffset + size per chunk: what
+  decoding it inflates), so a small read of a hostile layer cannot inflate gigabytes. Prefetch and
+  background pieces keep to the same decompressed budget.
+- Each chunk of a fetched range is decoded and verified on its own: a corrupt chunk fails alone (its
+  readers get the FormatError, nothing is cached, the next read fetches it again); its neighbours are
+  served.
+- One deadline per read: `read_timeout` covers everything a FUSE read waits for (cache disk reads,
+  fetches in flight, refetches). A fetch that has already made a reader give up is "late": further
+  reads of its chunks fail at once until it ends (the kernel retries a failed read-ahead with a read
+  of its own; without this the caller of read() waited twice the timeout).
 - Fetches run in the fetcher's own nursery, so a reader that gives up (its `read_timeout` passed:
   EIO, with a log line naming image, layer and file) does not cancel work other readers will use.
+  Every task started there runs guarded: an exception stops that task alone, never the nursery (which
+  would take every lazy layer's data path with it).
+- A chunk cache that cannot store (disk full even after evicting, read-only, EIO) never stops a read:
+  the chunk is served from memory and the network, counted in `Counters.cache_write_errors` and
+  logged once per `LOG_INTERVAL`; a prefetch or background walk stops, since what it fetches could
+  not be kept. A cache read that fails is a miss, refetched.
 - Prefetch at mount fetches the prioritized region (everything before `.prefetch.landmark`) in
   `prefetch_piece` pieces, each chunk usable as soon as its piece arrives. The background fetch then
   walks the rest of the layer at `background_rate` bytes/s (0: as fast as the link allows) whenever no
@@ -26,10 +42,10 @@ from dataclasses import dataclass, field
 
 import trio
 
-from .cache import ChunkCache
-from .formats import Layer
-from .formats.index import ZEROS
-from .formats.reader import DECODE_LIMIT, merge_spans
+from .cache import ChunkCache, LogThrottle
+from .formats import FormatError, Layer
+from .formats.index import ZEROS, Chunk, LayerIndex
+from .formats.reader import DECODE_LIMIT, decode_chunk, merge_spans
 
 log = logging.getLogger("lazysnap.fetch")
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, math.inf)
@@ -42,6 +58,9 @@ class FetchTimeout(Exception):
 @dataclass(frozen=True)
 class FetchOptions:
     merge_cap: int = 1 << 20  # bytes of blob one on-demand request may cover (neighbours included)
+    inflate_cap: int = (
+        32 << 20
+    )  # declared decompressed bytes a request or piece may add beyond its first chunk
     read_timeout: float = 30.0  # a read waits this long at most, then EIO
     per_host: int = 8  # concurrent requests to one registry host
     memory_cache: int = 64 << 20  # decoded chunks kept in memory
@@ -63,7 +82,10 @@ class Counters:
     cache_hits: int = 0  # memory or disk
     cache_misses: int = 0
     timeouts: int = 0
-    errors: int = 0
+    errors: int = 0  # failed fetches (network, short reads) and fetcher tasks that raised
+    bad_chunks: int = 0  # chunks that did not decompress or verify: never served, fetched again when read
+    cache_write_errors: int = 0  # chunks the cache could not store (full, read-only, EIO): served anyway
+    cache_read_errors: int = 0  # cache reads that failed: treated as misses and fetched
     latency: list[int] = field(default_factory=lambda: [0] * len(LATENCY_BUCKETS))  # fetch latency histogram
     latency_sum: float = 0.0
 
@@ -104,6 +126,35 @@ class _Pending:
         self.done = trio.Event()
         self.data: bytes | None = None
         self.error: BaseException | None = None
+        self.late = False  # a reader gave up waiting for it: new readers fail at once until it ends
+
+
+def _inflated(ix: LayerIndex, cid: int) -> int:
+    """Bytes decoding a chunk inflates, as the TOC declares them: its inner offset, then its size."""
+    return ix.c_inner[cid] + ix.c_size[cid]
+
+
+def _decode_members(
+    layer: Layer, start: int, data: bytes, members: list[Chunk]
+) -> dict[int, bytes | Exception]:
+    """Each chunk of a fetched range decoded and verified on its own (blocking: call from a thread):
+    its bytes, or the error that rejects it alone."""
+    what = layer.source.description
+    out: dict[int, bytes | Exception] = {}
+    for c in members:
+        if c.end - start > len(data):
+            out[c.id] = FormatError(
+                f"{what}: short read: chunk at {c.start} ends at {c.end}, the range from {start} "
+                f"came back with {len(data)} bytes"
+            )
+            continue
+        try:
+            out[c.id] = decode_chunk(
+                c, data[c.start - start : c.end - start], what, layer.allow_unverified_chunks
+            )
+        except Exception as e:  # FormatError, Unverified, MemoryError: this chunk only
+            out[c.id] = e
+    return out
 
 
 class Fetcher:
@@ -123,6 +174,10 @@ class Fetcher:
         self._demand_idle = trio.Event()
         self._demand_idle.set()
         self._last_demand = -1e9
+        self._store_log = LogThrottle(log)
+        self._read_log = LogThrottle(log)
+        self._bad_log = LogThrottle(log)
+        self._task_log = LogThrottle(log)
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """Run the fetcher's nursery (fetches, cache writes, background work) until cancelled."""
@@ -134,7 +189,9 @@ class Fetcher:
     # --- reads -----------------------------------------------------------------------------------
 
     async def read(self, handle: LayerHandle, ino: int, offset: int, length: int) -> bytes:
-        """Bytes of a file, for a FUSE read. Raises FetchTimeout after read_timeout."""
+        """Bytes of a file, for a FUSE read. Raises FetchTimeout when they are not there within
+        read_timeout (one deadline for everything the read waits for), FormatError for a chunk that
+        does not decompress or verify."""
         ix = handle.layer.index
         ids = ix.chunks_of(ino, offset, length)
         if not ids:
@@ -146,11 +203,27 @@ class Fetcher:
             sequential = self._note_position(handle, ino, offset, end)
             if sequential:
                 self._read_ahead(handle, ids[-1], ix.first_chunk[ino] + ix.chunk_count[ino])
-            if len(ids) == 1 and not sequential and length <= ix.c_size[ids[0]] // 4:
-                part = await self._disk_part(handle, ids[0], offset - ix.c_file_offset[ids[0]], end - offset)
-                if part is not None:  # a small random read of a cached chunk: just those bytes
-                    return part
-            datas = await self._demand(handle, ino, list(ids))
+            late: FetchTimeout | None = None
+            with trio.move_on_after(self.options.read_timeout) as scope:
+                try:
+                    if len(ids) == 1 and not sequential and length <= ix.c_size[ids[0]] // 4:
+                        c_off = ix.c_file_offset[ids[0]]
+                        part = await self._disk_part(handle, ids[0], offset - c_off, end - offset)
+                        if part is not None:  # a small random read of a cached chunk: just those bytes
+                            return part
+                    datas = await self._demand(handle, list(ids))
+                except FetchTimeout as e:
+                    late = e
+            if scope.cancelled_caught or late is not None:
+                for cid in ids:  # the kernel retries a failed read-ahead at once: do not wait again
+                    if (pending := self._pending.get((handle.id, cid))) is not None:
+                        pending.late = True
+                self.counters.timeouts += 1
+                why = f" ({late})" if late is not None else ""
+                raise FetchTimeout(
+                    f"{handle.name}: {ix.path(ino)}: no data within {self.options.read_timeout:g}s{why}; "
+                    "is the registry reachable? (read_timeout sets the wait)"
+                )
         else:
             memory.move_to_end((handle.id, ids[0]))
             self.counters.cache_hits += 1
@@ -160,32 +233,35 @@ class Fetcher:
             parts.append(data[max(0, offset - c_off) : max(0, end - c_off)])
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
-    async def _demand(self, handle: LayerHandle, ino: int, ids: list[int]) -> list[bytes]:
-        """The chunks of an on-demand read, within read_timeout; background work pauses meanwhile."""
+    async def _demand(self, handle: LayerHandle, ids: list[int]) -> list[bytes]:
+        """The chunks of an on-demand read (the caller holds the deadline); background work pauses
+        meanwhile. The first chunk that fails fails the read with its own error."""
         self._demand_waiting += 1
         self._last_demand = trio.current_time()
         self._demand_idle = trio.Event() if self._demand_idle.is_set() else self._demand_idle
         datas: list[bytes] = [b""] * len(ids)
+        errors: list[Exception] = []
         try:
-            with trio.move_on_after(self.options.read_timeout) as scope:
-                if len(ids) == 1:
-                    datas[0] = await self.chunk(handle, ids[0])
-                else:
+            if len(ids) == 1:
+                datas[0] = await self.chunk(handle, ids[0])
+            else:
+                async with trio.open_nursery() as nursery:
 
                     async def one(i: int, cid: int) -> None:
-                        datas[i] = await self.chunk(handle, cid)
+                        try:
+                            datas[i] = await self.chunk(handle, cid)
+                        except Exception as e:
+                            errors.append(e)
+                            nursery.cancel_scope.cancel()
 
-                    async with trio.open_nursery() as nursery:
-                        for i, cid in enumerate(ids):
-                            nursery.start_soon(one, i, cid)
+                    for i, cid in enumerate(ids):
+                        nursery.start_soon(one, i, cid)
         finally:
             self._demand_waiting -= 1
             if self._demand_waiting == 0:
                 self._demand_idle.set()
-        if scope.cancelled_caught:
-            self.counters.timeouts += 1
-            path = handle.layer.index.path(ino)
-            raise FetchTimeout(f"{handle.name}: {path}: no data within {self.options.read_timeout:.0f}s")
+        if errors:
+            raise errors[0]
         return datas
 
     def _note_position(self, handle: LayerHandle, ino: int, offset: int, end: int) -> bool:
@@ -204,7 +280,7 @@ class Fetcher:
         budget = self.options.read_ahead
         ids = []
         for cid in range(last + 1, file_end):
-            budget -= ix.c_size[cid]
+            budget -= _inflated(ix, cid)
             if budget < 0:
                 break
             key = (handle.id, cid)
@@ -225,10 +301,24 @@ class Fetcher:
         key = self._cache_key(handle, cid)
         if not (handle.cached[cid] or self.cache.contains(key)):
             return None
-        data = await self.cache.get(key, handle.layer.index.c_size[cid], offset=offset, length=length)
+        data = await self._cache_get(handle, key, handle.layer.index.c_size[cid], offset, length)
         if data is not None:
             self.counters.cache_hits += 1
         return data
+
+    async def _cache_get(
+        self, handle: LayerHandle, key: str, size: int, offset: int = 0, length: int | None = None
+    ) -> bytes | None:
+        """A chunk (or part) from the disk cache; None when absent or when the cache fails to read it
+        (the chunk is then fetched: a failing cache disk never fails a read the network can serve)."""
+        try:
+            return await self.cache.get(key, size, offset=offset, length=length)
+        except Exception as e:
+            self.counters.cache_read_errors += 1
+            self._read_log.warning(
+                "chunk cache read failed (%s): %s: fetching the chunk instead", handle.name, e
+            )
+            return None
 
     async def chunk(self, handle: LayerHandle, cid: int) -> bytes:
         """One verified chunk: memory, disk cache, a fetch in flight, or a new fetch."""
@@ -245,7 +335,7 @@ class Fetcher:
         if pending is None:
             cache_key = self._cache_key(handle, cid)
             if handle.cached[cid] or self.cache.contains(cache_key):
-                data = await self.cache.get(cache_key, ix.c_size[cid])
+                data = await self._cache_get(handle, cache_key, ix.c_size[cid])
                 if data is not None:
                     self.counters.cache_hits += 1
                     handle.cached[cid] = 1
@@ -258,6 +348,8 @@ class Fetcher:
                 plan = self._plan(handle, cid)
                 self._start(handle, plan, "demand")
                 pending = self._pending[key]
+        elif pending.late:
+            raise FetchTimeout(f"the fetch of its chunk at {ix.c_start[cid]} is already over the timeout")
         await pending.done.wait()
         if pending.error is not None:
             raise pending.error
@@ -265,16 +357,20 @@ class Fetcher:
         return pending.data
 
     def _plan(self, handle: LayerHandle, cid: int) -> list[int]:
-        """The chunk and the missing chunks after it in the blob, within merge_cap."""
+        """The chunk and the missing chunks after it in the blob, within merge_cap of blob and
+        inflate_cap of declared decompressed bytes (chunks of one compressed member may be split
+        between requests: each decode inflates only what its own chunk needs)."""
         ix = handle.layer.index
         start = ix.c_start[cid]
         plan = [cid]
+        budget = self.options.inflate_cap
         nxt = cid + 1
         while nxt < handle.chunk_count:
             if ix.c_storage[nxt] == ZEROS:
                 nxt += 1
                 continue
-            if ix.c_end[nxt] - start > self.options.merge_cap and ix.c_start[nxt] != ix.c_start[plan[-1]]:
+            budget -= _inflated(ix, nxt)
+            if ix.c_end[nxt] - start > self.options.merge_cap or budget < 0:
                 break
             key = (handle.id, nxt)
             if handle.cached[nxt] or key in self._pending or key in self._memory:
@@ -286,8 +382,23 @@ class Fetcher:
     def _start(self, handle: LayerHandle, ids: list[int], kind: str) -> None:
         """Register chunks as in flight and start fetching them in the fetcher's nursery."""
         pendings = {cid: self._pending.setdefault((handle.id, cid), _Pending()) for cid in ids}
+        self._spawn(self._fetch, handle, pendings, kind)
+
+    def _spawn(self, fn, *args: object) -> None:
+        """Start a task in the fetcher's nursery, guarded."""
         assert self._nursery is not None, "Fetcher.run() is not running"
-        self._nursery.start_soon(self._fetch, handle, pendings, kind)
+        self._nursery.start_soon(self._guarded, fn, *args)
+
+    async def _guarded(self, fn, *args: object) -> None:
+        """Run a task of the fetcher's nursery: an exception ends this task alone, logged and counted.
+        Letting it out would end the nursery, and with it every lazy layer's data path (ENOTCONN)."""
+        try:
+            await fn(*args)
+        except Exception as e:
+            self.counters.errors += 1
+            self._task_log.warning(
+                "fetcher task %s failed: %s: %s", fn.__name__, type(e).__name__, e, exc_info=e
+            )
 
     async def _fetch(self, handle: LayerHandle, pendings: dict[int, _Pending], kind: str) -> None:
         layer = handle.layer
@@ -304,13 +415,17 @@ class Fetcher:
             self.counters.add_bytes(kind, sum(len(d) for d in datas))
             for (start, _end, members), data in zip(groups, datas, strict=True):
                 decoded = await trio.to_thread.run_sync(
-                    layer._decode_group, start, data, members, limiter=DECODE_LIMIT
+                    _decode_members, layer, start, data, members, limiter=DECODE_LIMIT
                 )
-                for cid, chunk_data in decoded.items():
-                    self._resolve(handle, cid, pendings[cid], chunk_data, store_now=kind == "demand")
+                for cid, result in decoded.items():
+                    if isinstance(result, Exception):
+                        self._reject(handle, cid, pendings[cid], result)
+                    else:
+                        self._resolve(handle, cid, pendings[cid], result, store_now=kind == "demand")
                 if kind != "demand":  # prefetch and background: stored before the walk goes on
-                    for cid, chunk_data in decoded.items():
-                        await self._store(handle, cid, chunk_data)
+                    for cid, result in decoded.items():
+                        if not isinstance(result, Exception):
+                            await self._store(handle, cid, result)
         except BaseException as e:  # resolve every waiter, then let cancellation propagate
             self.counters.errors += 1
             log.warning("fetch failed: %s: chunks %s: %s", handle.name, sorted(pendings), e)
@@ -332,17 +447,30 @@ class Fetcher:
         pending.done.set()
         self._remember((handle.id, cid), data)
         if store_now:  # waiters go on at once; the cache write happens beside them
-            assert self._nursery is not None
-            self._nursery.start_soon(self._store, handle, cid, data)
+            self._spawn(self._store, handle, cid, data)
 
-    async def _store(self, handle: LayerHandle, cid: int, data: bytes) -> None:
+    def _reject(self, handle: LayerHandle, cid: int, pending: _Pending, error: Exception) -> None:
+        """A chunk that did not decode or verify: its waiters get the error; nothing is kept, so the
+        next read fetches it again."""
+        self.counters.bad_chunks += 1
+        self._bad_log.warning("bad chunk %d of %s: %s", cid, handle.name, error)
+        pending.error = error
+        self._pending.pop((handle.id, cid), None)
+        pending.done.set()
+
+    async def _store(self, handle: LayerHandle, cid: int, data: bytes) -> bool:
+        """Put a chunk in the disk cache; False when the cache could not store it (counted, logged
+        once per interval): the chunk stays served from memory and the network."""
         if handle.cached[cid]:
-            return
+            return True
         try:
             await self.cache.put(self._cache_key(handle, cid), data)
-            handle.cached[cid] = 1
-        except OSError as e:
-            log.warning("chunk cache write failed (%s): %s", handle.name, e)
+        except Exception as e:  # CacheError (full, read-only, EIO) or anything else: never the read's problem
+            self.counters.cache_write_errors += 1
+            self._store_log.warning("chunk cache write failed (%s): %s", handle.name, e)
+            return False
+        handle.cached[cid] = 1
+        return True
 
     def _remember(self, key: tuple[str, int], data: bytes) -> None:
         if key in self._memory:
@@ -389,19 +517,25 @@ class Fetcher:
             await trio.sleep(self.options.background_idle - quiet)
 
     async def _walk(self, handle: LayerHandle, ids: list[int], kind: str, piece: int, rate: float) -> None:
-        """Fetch chunks in blob order, `piece` bytes at a time, each piece stored before the next."""
+        """Fetch chunks in blob order, `piece` bytes of blob and at most inflate_cap declared
+        decompressed bytes (beyond a piece's first chunk) at a time, each piece stored before the
+        next. Stops when the cache refuses to store what it fetched."""
         ix = handle.layer.index
         ids.sort(key=lambda c: (ix.c_start[c], ix.c_inner[c]))
         i = 0
         while i < len(ids) and not handle.closed:
             if kind == "background":
                 await self._until_idle()  # on-demand reads first: a container starting reads in bursts
+            refused = self.counters.cache_write_errors
             group: list[int] = []
+            inflate = 0
             start = ix.c_start[ids[i]]
-            while i < len(ids) and (
-                not group or ix.c_end[ids[i]] - start <= piece or ix.c_start[ids[i]] == ix.c_start[group[-1]]
-            ):
+            while i < len(ids):
                 cid = ids[i]
+                if group and (
+                    ix.c_end[cid] - start > piece or inflate + _inflated(ix, cid) > self.options.inflate_cap
+                ):
+                    break
                 i += 1
                 key = (handle.id, cid)
                 if handle.cached[cid] or self.cache.contains(self._cache_key(handle, cid)):
@@ -411,10 +545,21 @@ class Fetcher:
                 elif key in self._pending:
                     await self._pending[key].done.wait()
                 else:
+                    if group:
+                        inflate += _inflated(ix, cid)
                     group.append(cid)
+            if group:
+                pendings = {cid: self._pending.setdefault((handle.id, cid), _Pending()) for cid in group}
+                await self._fetch(handle, pendings, kind)
+            if self.counters.cache_write_errors > refused:
+                log.warning(
+                    "%s fetch of %s stopped: the chunk cache does not store what it fetches (see its "
+                    "errors); the rest of the layer is fetched when read",
+                    kind,
+                    handle.name,
+                )
+                return
             if not group:
                 continue
-            pendings = {cid: self._pending.setdefault((handle.id, cid), _Pending()) for cid in group}
-            await self._fetch(handle, pendings, kind)
             if rate > 0:
                 await trio.sleep((ix.c_end[group[-1]] - ix.c_start[group[0]]) / rate)

@@ -6,6 +6,9 @@ Documented behaviour the tests pin down:
   flipped bytes is served for a `layer-` key (it has no digest), and for a `sha256-` key written by this
   process (verified when it was written). A `sha256-` file found at a restart is hashed once, on its first
   read, so flipped bytes written while the daemon was down are caught, dropped and refetched.
+- A failing disk is the caller's miss, never its crash: a full filesystem makes the cache evict down to
+  what fits and write again; a directory removed under it is made again; a read-only one still serves
+  its chunks and refuses writes with CacheError; an unreadable file is a miss, dropped and counted.
 """
 
 from __future__ import annotations
@@ -15,9 +18,10 @@ import hashlib
 import os
 import shutil
 import stat
+import subprocess
 import threading
-from collections.abc import Awaitable, Callable
-from contextlib import nullcontext
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import pytest
@@ -78,6 +82,19 @@ def page_cache_can_be_dropped(path: Path) -> bool:
             return False
     finally:
         os.close(fd)
+
+
+@contextmanager
+def tmpfs(path: Path, size: int) -> Iterator[Path]:
+    """A real small filesystem at `path` (tmpfs of `size` bytes: it fills up), unmounted afterwards."""
+    if os.geteuid() != 0:
+        pytest.skip("mounts a tmpfs: needs root")
+    path.mkdir(parents=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs", str(path)], check=True)
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=True)
 
 
 def drop_pages(path: Path) -> None:
@@ -184,6 +201,79 @@ async def test_a_failed_write_leaves_nothing_visible(tmp_path: Path, monkeypatch
     assert files_on_disk(tmp_path) == {}  # neither the chunk nor its temp file
     await cache.put(key_of(data), data)  # and the key is not stuck
     assert await cache.get(key_of(data), len(data)) == data
+
+
+async def test_a_full_filesystem_evicts_down_to_what_fits_and_writes(tmp_path: Path) -> None:
+    with tmpfs(tmp_path / "disk", MiB) as disk:
+        cache = await opened(disk / "cache", limit=1 << 30)  # far more than the disk holds
+        datas = [chunk(100 + i, 64 * KiB) for i in range(40)]  # 2.5 MiB in all
+        for data in datas:
+            await cache.put(key_of(data), data)  # before: CacheError (ENOSPC) from the 16th on
+        st = cache.stats()
+        assert st.write_errors == 0 and st.evictions > 0
+        assert st.bytes_used <= MiB and st.effective_limit <= MiB < st.limit
+        assert await cache.get(key_of(datas[-1]), len(datas[-1])) == datas[-1]  # the newest are kept
+        assert_consistent(cache)
+
+
+async def test_a_full_filesystem_with_nothing_to_evict_refuses_the_write(tmp_path: Path) -> None:
+    with tmpfs(tmp_path / "disk", 256 * KiB) as disk:
+        cache = await opened(disk / "cache")
+        (disk / "other").write_bytes(bytes(256 * KiB - 4 * KiB))  # someone else filled it
+        data = chunk(7, 64 * KiB)
+        with pytest.raises(CacheError, match="No space left.*lower cache_limit"):
+            await cache.put(key_of(data), data)
+        assert cache.stats().write_errors == 1
+        (disk / "other").unlink()
+        await cache.put(key_of(data), data)  # room again: stored
+        assert await cache.get(key_of(data), len(data)) == data
+        assert_consistent(cache)
+
+
+async def test_a_read_only_cache_serves_its_chunks_and_refuses_writes(tmp_path: Path) -> None:
+    with tmpfs(tmp_path / "disk", MiB) as disk:
+        cache = await opened(disk / "cache")
+        old = chunk(8)
+        await cache.put(key_of(old), old)
+        subprocess.run(["mount", "-o", "remount,ro", str(disk)], check=True)
+        restarted = await opened(disk / "cache")  # opens read-only: before, open() failed (EROFS)
+        assert await restarted.get(key_of(old), len(old)) == old
+        new = chunk(9)
+        with pytest.raises(CacheError, match="Read-only"):
+            await restarted.put(key_of(new), new)
+        assert restarted.stats().write_errors == 1 and not restarted.contains(key_of(new))
+
+
+async def test_a_cache_directory_removed_under_us_is_made_again(tmp_path: Path) -> None:
+    cache = await opened(tmp_path / "cache")
+    old, new = chunk(10), chunk(11)
+    await cache.put(key_of(old), old)
+    shutil.rmtree(tmp_path / "cache")
+    await cache.put(key_of(new), new)  # before: CacheError (ENOENT)
+    assert await cache.get(key_of(new), len(new)) == new
+    assert await cache.get(key_of(old), len(old)) is None  # gone with the directory: a miss
+    assert stat.S_IMODE((tmp_path / "cache").stat().st_mode) == 0o700
+    assert_consistent(cache)
+
+
+async def test_a_read_that_fails_with_an_io_error_is_a_miss(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cache = await opened(tmp_path)
+    data = chunk(12)
+    await cache.put(key_of(data), data)
+
+    def eio(*args: object) -> int:
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(cache._opener, "open_cached", eio)
+    assert await cache.get(key_of(data), len(data)) is None  # before: OSError reached the reader
+    monkeypatch.undo()
+    st = cache.stats()
+    assert st.read_errors == 1 and not cache.contains(key_of(data))
+    await cache.put(key_of(data), data)  # fetched again, stored again
+    assert await cache.get(key_of(data), len(data)) == data
+    assert_consistent(cache)
 
 
 async def test_temp_files_of_an_interrupted_write_are_removed_at_open(tmp_path: Path) -> None:
