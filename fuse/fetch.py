@@ -230,7 +230,8 @@ class Fetcher:
         parts = []
         for cid, data in zip(ids, datas, strict=True):
             c_off = ix.c_file_offset[cid]
-            parts.append(data[max(0, offset - c_off) : max(0, end - c_off)])
+            lo, hi = max(0, offset - c_off), min(end - c_off, ix.c_size[cid])
+            parts.append(bytes(hi - lo) if ix.c_storage[cid] == ZEROS else data[lo:hi])
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
     async def _demand(self, handle: LayerHandle, ids: list[int]) -> list[bytes]:
@@ -329,8 +330,8 @@ class Fetcher:
             self.counters.cache_hits += 1
             return data
         ix = handle.layer.index
-        if ix.c_storage[cid] == ZEROS:
-            return bytes(ix.c_size[cid])
+        if ix.c_storage[cid] == ZEROS:  # never made whole (a TOC may declare 1 GiB): read() slices zeros
+            return b""
         pending = self._pending.get(key)
         if pending is None:
             cache_key = self._cache_key(handle, cid)

@@ -64,9 +64,27 @@ class Collector:
         yield GaugeMetricFamily(
             "lazysnap_chunk_cache_bytes", "Bytes in the chunk cache", value=stats.bytes_used
         )
-        yield CounterMetricFamily(
-            "lazysnap_read_timeouts", "Reads failed with EIO after read_timeout", value=c.timeouts
+        yield GaugeMetricFamily(
+            "lazysnap_chunk_cache_limit_bytes",
+            "The cache's size limit in force (lowered while its filesystem is full)",
+            value=stats.effective_limit,
         )
+        for name, help_text, value in (
+            ("lazysnap_read_timeouts", "Reads failed with EIO after read_timeout", c.timeouts),
+            ("lazysnap_fetch_errors", "Registry fetches that failed", c.errors),
+            ("lazysnap_bad_chunks", "Chunks that did not decompress or verify (never served)", c.bad_chunks),
+            (
+                "lazysnap_chunk_cache_write_errors",
+                "Chunks the cache could not store (served from memory and the network)",
+                c.cache_write_errors,
+            ),
+            (
+                "lazysnap_chunk_cache_read_errors",
+                "Cache reads that failed (refetched)",
+                c.cache_read_errors,
+            ),
+        ):
+            yield CounterMetricFamily(name, help_text, value=value)
         cumulative, buckets = 0, []
         for bound, n in zip(LATENCY_BUCKETS, c.latency, strict=True):
             cumulative += n

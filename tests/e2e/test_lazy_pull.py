@@ -208,6 +208,12 @@ def test_restart_serves_cached_layers_without_the_network(
     text = metrics()
     assert f"lazysnap_remote_layers {float(len(image.layers))}" in text
     assert 'lazysnap_rpcs_total{code="ALREADY_EXISTS",rpc="Prepare"}' in text
+    for healthy in ("bad_chunks", "chunk_cache_write_errors", "chunk_cache_read_errors", "fetch_errors"):
+        assert f"lazysnap_{healthy}_total 0.0" in text, healthy  # exported, and nothing went wrong
+    (limit,) = [
+        float(line.split()[-1]) for line in text.splitlines() if line.startswith("lazysnap_chunk_cache_limit")
+    ]
+    assert limit == 20 << 30  # the default 20GiB, not lowered
 
     snap.stop()
     registry.stop()  # no network from here on

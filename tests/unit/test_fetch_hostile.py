@@ -101,11 +101,21 @@ def bomb_layer() -> tuple[bytes, str]:
     return estargz(files, blob)
 
 
+def sparse_layer() -> tuple[bytes, str]:
+    """`hole`: one zero-run chunk (zstd:chunked's `chunkType: zeros`, a sparse file's hole) declaring
+    1 GiB, then 4 KiB of data; no byte of the hole is stored in the blob."""
+    blob = gzip_member(SMALL)
+    entries = chunk_entries("hole", [(0, 0, 1 << 30), (0, 0, len(SMALL))], sha(SMALL))
+    entries[0] = {**entries[0], "chunkType": "zeros", "chunkDigest": None}
+    entries[0]["size"] = (1 << 30) + len(SMALL)
+    return estargz([("hole", b"", entries)], blob)
+
+
 def bomb_child(mode: str, cache_dir: str) -> None:
     """Runs in the child under RLIMIT_AS: prints one JSON line with what it saw."""
 
     async def main() -> dict:
-        blob, toc = bomb_layer()
+        blob, toc = sparse_layer() if mode == "hole" else bomb_layer()
         source = CountingSource(blob)
         layer = await open_layer(source, toc)
         cache = ChunkCache(Path(cache_dir), 1 << 40, fsync=False)
@@ -118,6 +128,11 @@ def bomb_child(mode: str, cache_dir: str) -> None:
             await nursery.start(fetcher.run)
             if mode == "read":
                 out["ok"] = await fetcher.read(handle, ix.find("a"), 0, 4096) == SMALL
+            elif mode == "hole":
+                hole = ix.find("hole")
+                middle = await fetcher.read(handle, hole, 512 * MiB, 128 << 10)
+                across = await fetcher.read(handle, hole, (1 << 30) - 100, 200)
+                out["ok"] = middle == bytes(128 << 10) and across == bytes(100) + SMALL[:100]
             else:
                 await fetcher.background(handle)
                 out["fraction"] = handle.fetched_fraction()
@@ -170,6 +185,13 @@ def test_background_walk_of_bombs_inflates_one_chunk_at_a_time(tmp_path: Path) -
     out = run_bomb_child("background", tmp_path / "cache", BOMB_LIMIT)
     assert out["ok"] and out["fraction"] == 1.0, out
     assert out["max_rss_mib"] < 700, out
+
+
+def test_a_read_of_a_huge_hole_makes_only_the_zeros_it_returns(tmp_path: Path) -> None:
+    # before: the fetcher made the whole declared zero run (1 GiB) for every read of it: MemoryError
+    out = run_bomb_child("hole", tmp_path / "cache", BOMB_LIMIT)
+    assert out["ok"], out
+    assert out["max_rss_mib"] < 256, out
 
 
 # --- a failing chunk cache disk ---------------------------------------------------------------------
