@@ -131,6 +131,8 @@ class _Reader:
         while b"\r\n\r\n" not in self.buf:
             if not self._fill():
                 return b""
+            if not self.buf[:1].isalpha():  # a TLS ClientHello (skopeo tries HTTPS first): close at once
+                raise ValueError("not an HTTP request")
         end = self.buf.index(b"\r\n\r\n") + 4
         head, self.buf = self.buf[:end], self.buf[end:]
         return head

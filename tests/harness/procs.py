@@ -168,3 +168,14 @@ def _exists(pid: int) -> bool:
     except OSError:
         return False
     return state != "Z"
+
+
+def peak_rss_mib() -> int:
+    """This process's peak resident set (MiB) since it started its program: VmHWM belongs to the
+    address space, which execve replaces. (getrusage's ru_maxrss survives execve: a child spawned
+    from a large test process would report the parent's peak.)"""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) >> 10
+    raise RuntimeError("no VmHWM in /proc/self/status")

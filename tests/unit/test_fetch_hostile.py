@@ -30,6 +30,7 @@ from fuse.cache import CacheError, ChunkCache
 from fuse.fetch import Fetcher, FetchOptions, FetchTimeout, LayerHandle
 from fuse.formats import FormatError, Unverified, open_layer
 from fuse.formats.writer import estargz_footer
+from tests.harness.procs import peak_rss_mib
 from tests.unit.test_cache import tmpfs
 from tests.unit.test_fetch import BIG, FILES, CountingSource, setup
 
@@ -144,7 +145,7 @@ def bomb_child(mode: str, cache_dir: str) -> None:
         out = trio.run(main)
     except BaseException as e:  # MemoryError, or a group holding one: reported, not a traceback
         out = {"ok": False, "error": f"{type(e).__name__}: {e}"[:300]}
-    out["max_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024
+    out["max_rss_mib"] = peak_rss_mib()
     print(json.dumps(out), flush=True)
 
 

@@ -26,6 +26,7 @@ import zstandard
 from fuse.formats import BytesSource, FormatError, open_layer
 from fuse.formats.footer import SKIPPABLE_MAGIC
 from fuse.formats.index import GZIP, ZSTD, Chunk
+from tests.harness.procs import peak_rss_mib
 
 ROOT = Path(__file__).resolve().parents[2]
 MEMORY_LIMIT = 512 << 20  # address space of the child: far below what the old code needed
@@ -227,4 +228,4 @@ def test_toc_json_split_anywhere_parses_the_same() -> None:
 if __name__ == "__main__":
     resource.setrlimit(resource.RLIMIT_AS, (MEMORY_LIMIT, MEMORY_LIMIT))
     print(SCENARIOS[sys.argv[1]]())
-    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss >> 10)
+    print(peak_rss_mib())

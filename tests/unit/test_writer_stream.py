@@ -27,6 +27,7 @@ REPO = Path(__file__).resolve().parents[2]
 CHILD = r"""
 import hashlib, io, json, resource, sys, tarfile
 from fuse.formats.writer import WriteOptions, write_layer
+from tests.harness.procs import peak_rss_mib
 
 fmt, prioritized = sys.argv[1], sys.argv[2:]
 BLOCK = bytes(random_block := __import__("random").Random(1).randbytes(1 << 20))
@@ -64,10 +65,10 @@ class Sink:
     def write(self, b):
         self.h.update(b); self.n += len(b)
 
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+before = peak_rss_mib() << 10
 sink = Sink()
 result = write_layer(Stream(), sink, WriteOptions(format=fmt, level=1, prioritized=prioritized))
-after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+after = peak_rss_mib() << 10
 print(json.dumps({"before_kb": before, "after_kb": after, "input": result.input_size, "written": sink.n,
                   "size": result.size, "digest": "sha256:" + sink.h.hexdigest() == result.digest,
                   "first": result.prioritized_found}))
