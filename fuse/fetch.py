@@ -5,10 +5,18 @@
 - In-flight deduplication by chunk: a hundred readers of one chunk cause one request; a chunk already
   being fetched as part of a neighbour's range is waited for, never fetched twice.
 - A miss fetches the missing chunks that follow it in the blob too (the rest of a large file, the next
-  small files, which are usually read next), merged into one range up to `merge_cap` compressed bytes
-  and `inflate_cap` decompressed bytes as the TOC declares them (innerOffset + size per chunk: what
-  decoding it inflates), so a small read of a hostile layer cannot inflate gigabytes. Prefetch and
-  background pieces keep to the same decompressed budget.
+  small files, which are often read next), in the same range, as many bytes of them as the link makes
+  worth it: a neighbour fetched now saves a request later if it is read, and costs its transfer time
+  whether or not it is. So the neighbours' budget is what the link carries in the time one request
+  costs (bandwidth x per-request latency, both measured per registry host: `LinkEstimate`), between
+  `merge_min` and `merge_cap` compressed bytes: about 60 KB at 100 Mbit/s with a 5 ms request, the
+  whole 1 MiB on a fast link or with 20 ms round trips. Every request also stays within `inflate_cap`
+  decompressed bytes as the TOC declares them (innerOffset + size per chunk: what decoding it
+  inflates), so a small read of a hostile layer cannot inflate gigabytes. Prefetch and background
+  pieces keep to the same decompressed budget.
+- A file read sequentially (a read that starts where the previous one of the file ended) is read ahead
+  within the file, up to `read_ahead`. A first read at offset 0 is not sequential: the dynamic loader
+  reads a library's ELF header, then maps only parts of it.
 - Each chunk of a fetched range is decoded and verified on its own: a corrupt chunk fails alone (its
   readers get the FormatError, nothing is cached, the next read fetches it again); its neighbours are
   served.
@@ -27,7 +35,11 @@
 - Prefetch at mount fetches the prioritized region (everything before `.prefetch.landmark`) in
   `prefetch_piece` pieces, each chunk usable as soon as its piece arrives. The background fetch then
   walks the rest of the layer at `background_rate` bytes/s (0: as fast as the link allows) whenever no
-  on-demand read has needed the network for `background_idle` seconds, until the layer needs no network.
+  on-demand read has needed the network for `background_idle` seconds, and not before `background_delay`
+  after the last layer was mounted (a container starts reading a moment after its layers are mounted),
+  until the layer needs no network. While on-demand reads are recent (`BUSY_WINDOW`), its pieces are
+  what the link carries in `BUSY_PIECE_SECONDS`, so a read that comes meanwhile shares the link with a
+  small request only; once the start has settled, pieces are `background_piece` at full speed.
 - Decompression and verification run in worker threads (`formats.reader.DECODE_LIMIT`); requests to
   one registry host are bounded by a per-host limiter.
 """
@@ -70,7 +82,9 @@ class FetchOptions:
     prefetch_piece: int = 4 << 20  # the prioritized region comes in pieces, each usable on arrival
     background_piece: int = 4 << 20
     background_idle: float = 1.0  # the background fetch waits until no read needed the network this long
+    background_delay: float = 3.0  # ... and this long after the last layer was mounted
     read_ahead: int = 8 << 20  # a file read sequentially: fetch this much of what follows
+    merge_min: int = 32 << 10  # neighbours' bytes a miss fetches at least (the link decides up to merge_cap)
 
 
 @dataclass
@@ -105,6 +119,42 @@ class Counters:
                 return
 
 
+MERGE_UNMEASURED = 128 << 10  # neighbours' budget before a host's link is measured
+BUSY_WINDOW = 10.0  # seconds after an on-demand read during which background pieces stay small
+BUSY_PIECE_SECONDS = 0.05  # ... what the link carries in this long (at least 256 KiB)
+
+
+class LinkEstimate:
+    """What the fetcher has measured of one registry host: the fixed cost of a request (round trip,
+    registry, client; seen in small requests) and the bandwidth (seen in large ones), as moving
+    averages. Concurrent requests share the link, so both err on the slow side: smaller merges."""
+
+    SMALL = 64 << 10
+    LARGE = 256 << 10
+
+    def __init__(self) -> None:
+        self.latency: float | None = None  # seconds a request costs whatever its size
+        self.bandwidth: float | None = None  # bytes/s
+
+    def observe(self, nbytes: int, seconds: float) -> None:
+        if nbytes <= self.SMALL:
+            self.latency = seconds if self.latency is None else 0.8 * self.latency + 0.2 * seconds
+        elif nbytes >= self.LARGE:
+            transfer = seconds - min(self.latency or 0.0, seconds / 2)
+            bw = nbytes / max(transfer, 1e-6)
+            self.bandwidth = bw if self.bandwidth is None else 0.8 * self.bandwidth + 0.2 * bw
+
+    def worth(self, seconds: float, default: int) -> int:
+        """Bytes the link carries in `seconds` (`default` until its bandwidth is measured)."""
+        return default if self.bandwidth is None else int(self.bandwidth * seconds)
+
+    def neighbours(self, low: int, high: int) -> int:
+        """Neighbouring bytes worth fetching with a miss: what the link carries in one request's time."""
+        if self.latency is None or self.bandwidth is None:
+            return max(low, min(high, MERGE_UNMEASURED))
+        return max(low, min(high, int(self.bandwidth * self.latency)))
+
+
 class LayerHandle:
     """A layer as the fetcher serves it: the opened format reader, a stable id, its host."""
 
@@ -127,6 +177,7 @@ class _Pending:
         self.data: bytes | None = None
         self.error: BaseException | None = None
         self.late = False  # a reader gave up waiting for it: new readers fail at once until it ends
+        self.wanted = False  # a read waits for it: decoded before the neighbours fetched with it
 
 
 def _inflated(ix: LayerIndex, cid: int) -> int:
@@ -170,6 +221,8 @@ class Fetcher:
             OrderedDict()
         )  # where each file's last read ended
         self._hosts: dict[str, trio.CapacityLimiter] = {}
+        self.links: dict[str, LinkEstimate] = {}  # by registry host
+        self._last_mount = -1e9
         self._demand_waiting = 0
         self._demand_idle = trio.Event()
         self._demand_idle.set()
@@ -199,10 +252,10 @@ class Fetcher:
         end = min(offset + length, ix.size[ino])
         memory = self._memory
         datas = [memory.get((handle.id, cid)) for cid in ids]
+        sequential = self._note_position(handle, ino, offset, end)
+        if sequential:  # also when this read is in memory: the next chunks are fetched before it ends
+            self._read_ahead(handle, ids[-1], ix.first_chunk[ino] + ix.chunk_count[ino])
         if None in datas or len(ids) > 1:
-            sequential = self._note_position(handle, ino, offset, end)
-            if sequential:
-                self._read_ahead(handle, ids[-1], ix.first_chunk[ino] + ix.chunk_count[ino])
             late: FetchTimeout | None = None
             with trio.move_on_after(self.options.read_timeout) as scope:
                 try:
@@ -211,6 +264,15 @@ class Fetcher:
                         part = await self._disk_part(handle, ids[0], offset - c_off, end - offset)
                         if part is not None:  # a small random read of a cached chunk: just those bytes
                             return part
+                    if log.isEnabledFor(logging.DEBUG):
+                        log.debug(
+                            "read %s: %s [%d, +%d) seq=%s",
+                            handle.name,
+                            ix.path(ino),
+                            offset,
+                            length,
+                            sequential,
+                        )
                     datas = await self._demand(handle, list(ids))
                 except FetchTimeout as e:
                     late = e
@@ -266,9 +328,9 @@ class Fetcher:
         return datas
 
     def _note_position(self, handle: LayerHandle, ino: int, offset: int, end: int) -> bool:
-        """Remember where a file's last read ended; True when this read continues it (or starts it)."""
+        """Remember where a file's last read ended; True when this read continues it."""
         key = (handle.id, ino)
-        sequential = offset == 0 or self._positions.get(key) == offset
+        sequential = offset > 0 and self._positions.get(key) == offset
         self._positions[key] = end
         self._positions.move_to_end(key)
         if len(self._positions) > 4096:
@@ -351,6 +413,7 @@ class Fetcher:
                 pending = self._pending[key]
         elif pending.late:
             raise FetchTimeout(f"the fetch of its chunk at {ix.c_start[cid]} is already over the timeout")
+        pending.wanted = True
         await pending.done.wait()
         if pending.error is not None:
             raise pending.error
@@ -362,7 +425,8 @@ class Fetcher:
         inflate_cap of declared decompressed bytes (chunks of one compressed member may be split
         between requests: each decode inflates only what its own chunk needs)."""
         ix = handle.layer.index
-        start = ix.c_start[cid]
+        wanted_end = ix.c_end[cid]
+        neighbours = self._link(handle).neighbours(self.options.merge_min, self.options.merge_cap)
         plan = [cid]
         budget = self.options.inflate_cap
         nxt = cid + 1
@@ -371,7 +435,7 @@ class Fetcher:
                 nxt += 1
                 continue
             budget -= _inflated(ix, nxt)
-            if ix.c_end[nxt] - start > self.options.merge_cap or budget < 0:
+            if ix.c_end[nxt] - wanted_end > neighbours or budget < 0:
                 break
             key = (handle.id, nxt)
             if handle.cached[nxt] or key in self._pending or key in self._memory:
@@ -410,23 +474,33 @@ class Fetcher:
             limiter = self._hosts.setdefault(handle.host, trio.CapacityLimiter(self.options.per_host))
             groups = merge_spans(chunks, cap=max(self.options.merge_cap, self.options.background_piece))
             async with limiter:
+                sent = time.monotonic()
                 datas = await layer.source.read_many([(s, e - s) for s, e, _ in groups])
+                took = time.monotonic() - sent
             self.counters.requests += 1
             self.counters.observe(time.monotonic() - started)
-            self.counters.add_bytes(kind, sum(len(d) for d in datas))
-            for (start, _end, members), data in zip(groups, datas, strict=True):
-                decoded = await trio.to_thread.run_sync(
-                    _decode_members, layer, start, data, members, limiter=DECODE_LIMIT
+            fetched = sum(len(d) for d in datas)
+            if len(groups) == 1:
+                self._link(handle).observe(fetched, took)
+            self.counters.add_bytes(kind, fetched)
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug(
+                    "fetched %s: %s, %d chunks from %d, %d bytes in %d ranges, %.1f ms",
+                    handle.name,
+                    kind,
+                    len(chunks),
+                    chunks[0].start,
+                    fetched,
+                    len(groups),
+                    (time.monotonic() - started) * 1000,
                 )
-                for cid, result in decoded.items():
-                    if isinstance(result, Exception):
-                        self._reject(handle, cid, pendings[cid], result)
-                    else:
-                        self._resolve(handle, cid, pendings[cid], result, store_now=kind == "demand")
-                if kind != "demand":  # prefetch and background: stored before the walk goes on
-                    for cid, result in decoded.items():
-                        if not isinstance(result, Exception):
-                            await self._store(handle, cid, result)
+            for (start, _end, members), data in zip(groups, datas, strict=True):
+                # what reads wait for first: its readers go on while the neighbours are decoded
+                wanted = [c for c in members if pendings[c.id].wanted]
+                rest = [c for c in members if not pendings[c.id].wanted]
+                for batch in (wanted, rest):
+                    if batch:
+                        await self._decode_and_resolve(handle, pendings, kind, start, data, batch)
         except BaseException as e:  # resolve every waiter, then let cancellation propagate
             self.counters.errors += 1
             log.warning("fetch failed: %s: chunks %s: %s", handle.name, sorted(pendings), e)
@@ -439,6 +513,28 @@ class Fetcher:
                     p.done.set()
             if not isinstance(e, Exception):
                 raise
+
+    async def _decode_and_resolve(
+        self,
+        handle: LayerHandle,
+        pendings: dict[int, _Pending],
+        kind: str,
+        start: int,
+        data: bytes,
+        members: list[Chunk],
+    ) -> None:
+        decoded = await trio.to_thread.run_sync(
+            _decode_members, handle.layer, start, data, members, limiter=DECODE_LIMIT
+        )
+        for cid, result in decoded.items():
+            if isinstance(result, Exception):
+                self._reject(handle, cid, pendings[cid], result)
+            else:
+                self._resolve(handle, cid, pendings[cid], result, store_now=kind == "demand")
+        if kind != "demand":  # prefetch and background: stored before the walk goes on
+            for cid, result in decoded.items():
+                if not isinstance(result, Exception):
+                    await self._store(handle, cid, result)
 
     def _resolve(
         self, handle: LayerHandle, cid: int, pending: _Pending, data: bytes, store_now: bool
@@ -482,6 +578,12 @@ class Fetcher:
             _, old = self._memory.popitem(last=False)
             self._memory_bytes -= len(old)
 
+    def _link(self, handle: LayerHandle) -> LinkEstimate:
+        link = self.links.get(handle.host)
+        if link is None:
+            link = self.links[handle.host] = LinkEstimate()
+        return link
+
     def _cache_key(self, handle: LayerHandle, cid: int) -> str:
         digest = handle.layer.index.chunk(cid).digest
         return self.cache.key(digest, handle.id, cid)
@@ -502,6 +604,7 @@ class Fetcher:
         """Fetch every chunk not yet cached, politely, until the layer needs no network."""
         if not self.options.background:
             return
+        self._last_mount = trio.current_time()
         ix = handle.layer.index
         ids = [c for c in range(handle.chunk_count) if ix.c_storage[c] != ZEROS]
         await self._walk(
@@ -509,13 +612,25 @@ class Fetcher:
         )
 
     async def _until_idle(self) -> None:
-        """Until no on-demand read waits and none has for `background_idle` seconds."""
+        """Until no on-demand read waits, none has for `background_idle` seconds, and no layer was
+        mounted for `background_delay` seconds."""
         while True:
             await self._demand_idle.wait()
-            quiet = trio.current_time() - self._last_demand
-            if quiet >= self.options.background_idle:
+            now = trio.current_time()
+            wait = max(
+                self.options.background_idle - (now - self._last_demand),
+                self.options.background_delay - (now - self._last_mount),
+            )
+            if wait <= 0:
                 return
-            await trio.sleep(self.options.background_idle - quiet)
+            await trio.sleep(wait)
+
+    def _background_piece(self, handle: LayerHandle) -> int:
+        """Small pieces while a container may still be starting, large ones once it has settled."""
+        if trio.current_time() - self._last_demand > BUSY_WINDOW:
+            return self.options.background_piece
+        small = self._link(handle).worth(BUSY_PIECE_SECONDS, 256 << 10)
+        return max(256 << 10, min(self.options.background_piece, small))
 
     async def _walk(self, handle: LayerHandle, ids: list[int], kind: str, piece: int, rate: float) -> None:
         """Fetch chunks in blob order, `piece` bytes of blob and at most inflate_cap declared
@@ -527,6 +642,7 @@ class Fetcher:
         while i < len(ids) and not handle.closed:
             if kind == "background":
                 await self._until_idle()  # on-demand reads first: a container starting reads in bursts
+                piece = self._background_piece(handle)
             refused = self.counters.cache_write_errors
             group: list[int] = []
             inflate = 0

@@ -73,7 +73,7 @@ class LazyRuntime:
             credentials=CredentialStore(Path(config.docker_config) if config.docker_config else None),
             options=Options(max_connections=max(config.fetch_concurrency, 1)),
         )
-        self.cache = ChunkCache(config.cache_path, config.size("cache_limit"))
+        self.cache = ChunkCache(config.cache_path, config.size("cache_limit"), fsync=False)
         self.fetcher = Fetcher(
             self.cache,
             FetchOptions(

@@ -17,6 +17,7 @@ and re-resolved through the registry when they stop working.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import random
@@ -749,9 +750,17 @@ def _first_leaf(group: BaseExceptionGroup) -> BaseException:
     return _first_leaf(first) if isinstance(first, BaseExceptionGroup) else first
 
 
+@functools.cache
+def _no_tls() -> ssl.SSLContext:
+    """For plain-HTTP endpoints, whose client never speaks TLS: trusts no CA, so any TLS it were ever
+    asked for fails closed; and it costs nothing to make (loading the CA bundle that `verify=True`
+    makes httpx load costs 20-100 ms, paid by the first pull)."""
+    return ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+
+
 def _ssl_context(endpoint: Endpoint) -> ssl.SSLContext | bool:
     if endpoint.scheme != "https":
-        return True
+        return _no_tls()
     ctx = ssl.create_default_context()
     try:
         for ca in endpoint.ca:

@@ -9,7 +9,7 @@ import pytest
 import trio
 
 from fuse.cache import ChunkCache
-from fuse.fetch import Fetcher, FetchOptions, FetchTimeout, LayerHandle
+from fuse.fetch import MERGE_UNMEASURED, Fetcher, FetchOptions, FetchTimeout, LayerHandle, LinkEstimate
 from fuse.formats import BytesSource, open_layer
 from fuse.formats.writer import WriteOptions, convert_bytes
 from tests.harness import images as im
@@ -74,7 +74,7 @@ async def test_one_request_for_a_hundred_readers(tmp_path: Path, nursery) -> Non
 
 
 async def test_neighbours_come_in_the_same_range(tmp_path: Path, nursery) -> None:
-    source, handle, fetcher = await setup(tmp_path, FetchOptions(merge_cap=1 << 20))
+    source, handle, fetcher = await setup(tmp_path, FetchOptions(merge_cap=1 << 20, merge_min=1 << 20))
     await nursery.start(fetcher.run)
     ix = handle.layer.index
     assert await fetcher.read(handle, ix.find("f00"), 0, 10) == FILES["f00"][:10]
@@ -128,3 +128,56 @@ async def test_prefetch_and_background_make_the_layer_local(tmp_path: Path, nurs
         assert await fetcher2.read(handle2, ix.find(name), 0, 200_000) == data
     assert await fetcher2.read(handle2, ix.find("big"), 0, 4 << 20) == BIG
     assert fetcher.counters.bytes_prefetch > 0 and fetcher.counters.bytes_background > 0
+
+
+def test_the_link_decides_how_many_neighbours_a_miss_fetches() -> None:
+    link = LinkEstimate()
+    assert link.neighbours(32 << 10, 1 << 20) == MERGE_UNMEASURED  # nothing measured yet
+    link.observe(4096, 0.005)  # a small request costs 5 ms whatever its size
+    link.observe(1 << 20, 0.005 + (1 << 20) / 12.5e6)  # 100 Mbit/s
+    assert 55_000 < link.neighbours(32 << 10, 1 << 20) < 70_000  # what the link carries in 5 ms
+    fast = LinkEstimate()
+    fast.observe(4096, 0.002)
+    fast.observe(4 << 20, 0.002 + (4 << 20) / 1e9)
+    assert fast.neighbours(32 << 10, 1 << 20) == 1 << 20  # a fast link: up to merge_cap
+    slow = LinkEstimate()
+    slow.observe(4096, 0.0005)
+    slow.observe(1 << 20, 0.0005 + (1 << 20) / 1e6)
+    assert slow.neighbours(32 << 10, 1 << 20) == 32 << 10  # a slow link: merge_min
+
+
+async def test_a_first_read_at_offset_zero_is_not_read_ahead(tmp_path: Path, nursery) -> None:
+    # the dynamic loader reads a library's ELF header, then maps only parts of it: reading the rest of
+    # the file ahead wasted megabytes per library; a read that continues the previous one is read ahead
+    source, handle, fetcher = await setup(tmp_path, FetchOptions(merge_min=0))
+    await nursery.start(fetcher.run)
+    big = handle.layer.index.find("big")
+    assert await fetcher.read(handle, big, 0, 4096) == BIG[:4096]
+    await trio.sleep(0.1)
+    assert source.requests == 1 and fetcher.counters.bytes_on_demand < 1.1 * (1 << 20)
+    assert await fetcher.read(handle, big, 4096, 4096) == BIG[4096:8192]  # sequential now
+    await trio.sleep(0.1)
+    assert source.requests == 2 and fetcher.counters.bytes_on_demand > 2.9 * (1 << 20)
+
+
+async def test_the_background_fetch_waits_for_the_start_to_settle(tmp_path: Path, nursery) -> None:
+    source, handle, fetcher = await setup(
+        tmp_path, FetchOptions(background_delay=0.6, background_idle=0.3, merge_min=0)
+    )
+    await nursery.start(fetcher.run)
+    done = trio.Event()
+
+    async def background() -> None:
+        await fetcher.background(handle)
+        done.set()
+
+    started = trio.current_time()
+    nursery.start_soon(background)
+    await trio.sleep(0.4)
+    assert fetcher.counters.bytes_background == 0  # the layer was just mounted: a container is starting
+    assert await fetcher.read(handle, handle.layer.index.find("f05"), 0, 10) == FILES["f05"][:10]
+    await trio.sleep(0.2)
+    assert fetcher.counters.bytes_background == 0  # a read just needed the network
+    with trio.fail_after(5):
+        await done.wait()
+    assert handle.fetched_fraction() == 1.0 and trio.current_time() - started >= 0.7
