@@ -36,9 +36,9 @@ from pathlib import Path
 
 import trio
 
-from fuse.formats.writer import WriteOptions
 from fuse.registry import CredentialStore, HostsConfig, Reference, RegistryClient
-from snapshotter.convert import _convert_file, convert_image
+from snapshotter.convert.converter import _convert_file, convert_image
+from snapshotter.convert.writer import WriteOptions
 from tests.harness.containerd import Containerd
 from tests.harness.registry import Registry, anonymous_client
 

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import trio
 
-from snapshotter.convert import convert_image
+from snapshotter.convert.converter import convert_image
 from tests.harness import images as im
 from tests.harness.mount import LazysnapMount
 from tests.harness.registry import Registry, anonymous_client

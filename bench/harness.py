@@ -84,7 +84,7 @@ import trio
 from bench import realistic
 from bench.network import DEFAULT_RATE, NetworkError, ShapedRegistry, Traffic, parse_rate
 from fuse.registry import NotFound, Reference
-from snapshotter.convert import convert_image
+from snapshotter.convert.converter import convert_image
 from tests.harness.containerd import Containerd
 from tests.harness.procs import Service, kill_pids, pids_with_cmdline, unmount_all
 

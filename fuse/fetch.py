@@ -46,6 +46,7 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import time
@@ -169,6 +170,10 @@ class LayerHandle:
 
     def fetched_fraction(self) -> float:
         return sum(self.cached) / len(self.cached) if self.cached else 1.0
+
+    def local_bytes(self) -> int:
+        """Bytes of file content (decompressed) the cache holds for this layer."""
+        return sum(itertools.compress(self.layer.index.c_size, self.cached))
 
 
 class _Pending:

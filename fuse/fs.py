@@ -14,8 +14,7 @@ image, layer and file. Writes fail with EROFS (the mount is read-only). Mounted 
 nodes take effect through this mount itself. (An overlayfs over the layers follows its own mount options:
 containerd's container roots keep setuid, `lazysnap mount`'s view does not.)
 
-If serving stops unexpectedly, `abort_connection` makes every waiting and later request fail at once
-instead of hanging (the kernel's fusectl interface, when mounted; closing the /dev/fuse fd does the same).
+Mounting, serving and unmounting it: `fuse.mount`.
 
 With `record=True` the filesystem remembers which regular files are opened, as (layer name, path), once
 each and in the order of their first open (`recorded()`): what a workload reads, for prioritizing.
@@ -57,44 +56,6 @@ MOUNT_OPTIONS = (
     "default_permissions",
     "allow_other",
 )
-FUSE_CONNECTIONS = "/sys/fs/fuse/connections"  # fusectl: one directory per connection, named by device
-
-
-def mount_device(mountpoint: str) -> str | None:
-    """The "major:minor" device of the mount at `mountpoint`, or None when nothing is mounted there."""
-    # mountinfo, not stat(): a stat of our own mount would wait for this very process to answer it
-    with open("/proc/self/mountinfo") as f:
-        return next((line.split()[2] for line in f if line.split()[4] == mountpoint), None)
-
-
-def abort_connection(device: str) -> bool:
-    """Abort the FUSE connection of `device` ("major:minor", from mount_device): every request waiting
-    for an answer and every later one fails (ECONNABORTED/ENOTCONN) instead of hanging. False when the
-    fusectl filesystem is not mounted or the connection is gone."""
-    major, _, minor = device.partition(":")
-    try:
-        with open(f"{FUSE_CONNECTIONS}/{int(major) << 20 | int(minor)}/abort", "w") as f:
-            f.write("1")
-        return True
-    except (OSError, ValueError):
-        return False
-
-
-def raise_read_ahead(mountpoint: str, kb: int = 1024) -> bool:
-    """Let the kernel read ahead `kb` on the mount (1 MiB requests instead of 128 KiB: +41% measured
-    for sequential first reads, shared/reference/pyfuse3-facts.md). False when it cannot be set."""
-    dev = mount_device(mountpoint)
-    if dev is None:
-        log.warning("cannot raise read-ahead: %s is not mounted", mountpoint)
-        return False
-    path = f"/sys/class/bdi/{dev}/read_ahead_kb"
-    try:
-        with open(path, "w") as f:
-            f.write(str(kb))
-        return True
-    except OSError as e:
-        log.warning("cannot raise read-ahead on %s (%s): %s", mountpoint, path, e)
-        return False
 
 
 @dataclass

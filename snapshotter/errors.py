@@ -1,36 +1,36 @@
-"""Errors of the snapshotter, each tied to the gRPC status code containerd maps it from (errdefs).
+"""The errors every command shares: a bad setting (ConfigError), a process that cannot start
+(StartupError), and the snapshot errors containerd tells apart (errdefs), without any transport: the
+gRPC service maps each to its status code (`snapshotter.daemon.service.STATUS_OF`).
 
-Every error says what failed, for which snapshot key, and what to do; the service turns them into
-statuses with :attr:`SnapshotError.code`, so containerd sees NotFound, AlreadyExists, ... exactly as
-from its own snapshotters.
+Every error says what failed, for which snapshot key, file or setting, and what to do.
 """
 
 from __future__ import annotations
 
-import grpc
 
-
-class SnapshotError(Exception):
-    """A request that cannot be served; `code` is the gRPC status containerd expects for it."""
-
-    code: grpc.StatusCode = grpc.StatusCode.UNKNOWN
-
-
-class InvalidArgument(SnapshotError):
-    code = grpc.StatusCode.INVALID_ARGUMENT
-
-
-class NotFound(SnapshotError):
-    code = grpc.StatusCode.NOT_FOUND
-
-
-class AlreadyExists(SnapshotError):
-    code = grpc.StatusCode.ALREADY_EXISTS
-
-
-class FailedPrecondition(SnapshotError):
-    code = grpc.StatusCode.FAILED_PRECONDITION
+class ConfigError(ValueError):
+    """A bad configuration file, value or flag; the message names the file, line and key."""
 
 
 class StartupError(Exception):
-    """`lazysnap serve` cannot start; the message says why and what to fix."""
+    """A daemon (`serve`, `convertd`) cannot start; the message says why and what to fix."""
+
+
+class SnapshotError(Exception):
+    """A snapshot request that cannot be served (containerd sees it as an unknown error)."""
+
+
+class InvalidArgument(SnapshotError):
+    pass
+
+
+class NotFound(SnapshotError):
+    pass
+
+
+class AlreadyExists(SnapshotError):
+    pass
+
+
+class FailedPrecondition(SnapshotError):
+    pass

@@ -14,7 +14,8 @@ line, in first-open order; the list `lazysnap convert --prioritize-from` reads).
 A layer that is refused (not lazily loadable, unverified, a registry error) ends the command with one
 line on stderr and status 1. If the fetcher or the FUSE server stops unexpectedly, the FUSE connection
 is aborted (readers get an error, never a hang), everything is unmounted and the exit status is 1.
-Test hook: `LAZYSNAP_FAILPOINTS=fuse.read=error` (see `snapshotter.lazy.ServedFS`) makes a read's
+The FUSE mount is `fuse.mount.FuseMount`, as for the daemon. Test hook: `LAZYSNAP_FAILPOINTS=fuse.read=error`
+(see `snapshotter.daemon.lazy.ServedFS`) makes a read's
 handler fail the way a bug would, which stops the FUSE server."""
 
 from __future__ import annotations
@@ -27,22 +28,20 @@ import os
 import signal
 import sys
 import tempfile
-from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Awaitable
 from pathlib import Path
 
-import pyfuse3
 import trio
 
 from fuse.cache import ChunkCache
 from fuse.fetch import Fetcher, FetchOptions, LayerHandle
 from fuse.formats import FormatError, NotLazy, RegistrySource, Unverified, open_layer
 from fuse.formats.annotations import expected_toc_digest
-from fuse.fs import MOUNT_OPTIONS, LazyFS, abort_connection, mount_device, raise_read_ahead
+from fuse.mount import FuseMount, MountFailed, ServingStopped
 from fuse.registry import CredentialStore, HostsConfig, Platform, Reference, RegistryClient, RegistryError
-
-from . import failpoints
-from .lazy import MNT_DETACH, ServedFS, innermost, umount
+from snapshotter import failpoints, host
+from snapshotter.daemon.lazy import ServedFS
+from snapshotter.settings import DEFAULT_CACHE_LIMIT, duration_arg, parse_size, size_arg
 
 log = logging.getLogger("lazysnap.mount")
 DEFAULT_CACHE = Path("/var/lib/lazysnap/cache")
@@ -63,11 +62,22 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--cache", type=Path, default=DEFAULT_CACHE, help=f"chunk cache directory ({DEFAULT_CACHE})"
     )
-    p.add_argument("--cache-limit", type=int, default=10 << 30, help="chunk cache size limit in bytes")
+    p.add_argument(
+        "--cache-limit",
+        type=size_arg,
+        default=parse_size(DEFAULT_CACHE_LIMIT),
+        metavar="SIZE",
+        help=f"chunk cache size limit, e.g. 20GiB (default {DEFAULT_CACHE_LIMIT})",
+    )
     p.add_argument("--hosts-dir", type=Path, help="containerd hosts configuration (certs.d layout)")
     p.add_argument("--docker-config", type=Path, help="docker config.json with credentials")
     p.add_argument("--no-background", action="store_true", help="fetch only what is read (and prefetched)")
-    p.add_argument("--read-timeout", type=float, default=30.0, help="seconds before a read fails with EIO")
+    p.add_argument(
+        "--read-timeout",
+        type=duration_arg,
+        default=30.0,
+        help="seconds (or 500ms, 1m) before a read fails with EIO",
+    )
     p.add_argument(
         "--record", type=Path, metavar="FILE", help="on exit, write the paths of the files opened to FILE"
     )
@@ -177,14 +187,6 @@ async def _open_layers(
     return handles
 
 
-@dataclass
-class _Serving:
-    """Whether the fetcher and the FUSE server still run; `failure` says why one stopped on its own."""
-
-    stopping: bool = False
-    failure: str | None = None
-
-
 async def serve(
     fetcher: Fetcher,
     handles: list[LayerHandle],
@@ -203,91 +205,56 @@ async def serve(
     names = [f"{i}" for i in range(len(handles))]
     for slot, (name, handle) in enumerate(zip(names, handles, strict=True), start=1):
         fs.add_layer(name, slot, handle)
+    fuse = FuseMount(fs, fetcher, fuse_dir)
     try:
-        pyfuse3.init(fs, str(fuse_dir), list(MOUNT_OPTIONS))
-    except RuntimeError as e:
+        fuse.mount()
+    except MountFailed as e:
         os.rmdir(fuse_dir)
-        raise MountError(
-            f"cannot mount FUSE at {fuse_dir}: {e}; is /dev/fuse there (modprobe fuse)?"
-        ) from None
-    device = mount_device(str(fuse_dir))
-    raise_read_ahead(str(fuse_dir))
+        raise MountError(str(e)) from None
     view_options = TRUSTED_VIEW if allow_suid_dev else SAFE_VIEW
     # Signals are ours until the very end: a second SIGTERM during the clean-up must not kill the
     # process half-way and leave the FUSE mount behind.
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as receiver:
-        state = _Serving()
         try:
-            await _serve_mounted(
-                fs, fetcher, handles, names, fuse_dir, mountpoint, receiver, view_options, state
-            )
+            await _serve_mounted(fuse, handles, names, mountpoint, receiver, view_options)
+        except* ServingStopped:
+            pass  # fuse.failure says why; cleaned up below
         finally:
-            _tear_down(state, fuse_dir, device, mountpoint)
+            _tear_down(fuse, fuse_dir, mountpoint)
             if record is not None:
                 write_record(record, [path for _layer, path in fs.recorded()])
-    if state.failure is not None:
+    if fuse.failure is not None:
         raise MountError(
-            f"{state.failure}; the mount at {mountpoint} was removed and its readers got errors "
+            f"{fuse.failure}; the mount at {mountpoint} was removed and its readers got errors "
             "(see the log above; run `lazysnap mount` again)"
         )
 
 
 async def _serve_mounted(
-    fs: LazyFS,
-    fetcher: Fetcher,
+    fuse: FuseMount,
     handles: list[LayerHandle],
     names: list[str],
-    fuse_dir: Path,
     mountpoint: Path,
     receiver: AsyncIterator[int],
     view_options: str,
-    state: _Serving,
 ) -> None:
     async with trio.open_nursery() as nursery:
-        scope = nursery.cancel_scope
-        await nursery.start(_essential, state, scope, "the fetcher", fetcher.run)
-        await nursery.start(_essential, state, scope, "the FUSE server", _fuse_main)
+        await nursery.start(fuse.serve)
         for handle in handles:
-            await _quietly(f"prefetch of {handle.name}", fetcher.prefetch(handle))
-        lower = [str(fuse_dir / n) for n in reversed(names)]  # top layer first
+            await _quietly(f"prefetch of {handle.name}", fuse.fetcher.prefetch(handle))
+        lower = [str(fuse.mountpoint / n) for n in reversed(names)]  # top layer first
         await _mount_view(lower, mountpoint, view_options)
         print(f"mounted {len(handles)} layers at {mountpoint}", flush=True)
         for handle in handles:
-            nursery.start_soon(_quietly, f"background fetch of {handle.name}", fetcher.background(handle))
+            nursery.start_soon(
+                _quietly, f"background fetch of {handle.name}", fuse.fetcher.background(handle)
+            )
         await _until_unmounted_or_signalled(mountpoint, receiver)
         # the view first, while the layers are still served; then FUSE's loop
         with trio.CancelScope(shield=True):
             await _unmount_view(mountpoint)
-        state.stopping = True
-        pyfuse3.terminate()  # pyfuse3.main returns; cancelling it is not enough
-        scope.cancel()
-
-
-async def _fuse_main(*, task_status=trio.TASK_STATUS_IGNORED) -> None:
-    task_status.started()
-    await pyfuse3.main()
-
-
-async def _essential(
-    state: _Serving,
-    scope: trio.CancelScope,
-    what: str,
-    fn: Callable[..., Awaitable[None]],
-    *,
-    task_status=trio.TASK_STATUS_IGNORED,
-) -> None:
-    """Run a task the mount cannot do without. If it ends on its own (an error, or returning while
-    nothing is stopping), record why and stop everything: the clean-up then aborts the FUSE connection."""
-    try:
-        await fn(task_status=task_status)
-    except Exception as e:
-        log.exception("%s stopped unexpectedly", what)
-        cause = innermost(e)
-        state.failure = state.failure or f"{what} stopped unexpectedly: {type(cause).__name__}: {cause}"
-    else:
-        if not state.stopping:
-            state.failure = state.failure or f"{what} stopped unexpectedly"
-    scope.cancel()
+            await fuse.stop(UNMOUNT_TIMEOUT)
+        nursery.cancel_scope.cancel()
 
 
 async def _quietly(what: str, work: Awaitable[object]) -> None:
@@ -298,18 +265,14 @@ async def _quietly(what: str, work: Awaitable[object]) -> None:
         log.warning("%s stopped: %s: %s", what, type(e).__name__, e)
 
 
-def _tear_down(state: _Serving, fuse_dir: Path, device: str | None, mountpoint: Path) -> None:
+def _tear_down(fuse: FuseMount, fuse_dir: Path, mountpoint: Path) -> None:
     """Leave nothing mounted, whatever happened. When serving failed, nobody answers the FUSE mount:
-    abort its connection first, so that readers (and the unmounts below) get an error, not a hang."""
-    failed = state.failure is not None or not state.stopping
-    if failed and device is not None and abort_connection(device):
-        log.warning("aborted the FUSE connection of %s", fuse_dir)
-    # closes /dev/fuse (which also aborts the connection: nothing else holds it) and detaches the mount
-    pyfuse3.close(unmount=True)
-    if failed and _is_mountpoint(mountpoint):
-        umount(mountpoint, MNT_DETACH)
-    if _is_mountpoint(fuse_dir):  # libfuse skips the unmount of an aborted connection
-        umount(fuse_dir, MNT_DETACH)
+    its connection is aborted first (FuseMount.release), so that readers and the unmounts below get an
+    error, not a hang."""
+    failed = fuse.failure is not None or not fuse.stopping
+    fuse.release()
+    if failed and host.is_mountpoint(mountpoint):
+        host.umount(mountpoint, host.MNT_DETACH)
     try:
         os.rmdir(fuse_dir)
     except OSError as e:
@@ -318,14 +281,14 @@ def _tear_down(state: _Serving, fuse_dir: Path, device: str | None, mountpoint: 
 
 async def _unmount_view(mountpoint: Path) -> None:
     """Unmount the view; if it is busy or the kernel takes too long, detach it (lazy unmount)."""
-    if not _is_mountpoint(mountpoint):
+    if not host.is_mountpoint(mountpoint):
         return
     err = errno.ETIMEDOUT
     with trio.move_on_after(UNMOUNT_TIMEOUT):
-        err = await trio.to_thread.run_sync(umount, mountpoint, abandon_on_cancel=True)
-    if err and _is_mountpoint(mountpoint):
+        err = await trio.to_thread.run_sync(host.umount, mountpoint, abandon_on_cancel=True)
+    if err and host.is_mountpoint(mountpoint):
         log.warning("unmount of %s: %s: detaching it", mountpoint, os.strerror(err))
-        err = umount(mountpoint, MNT_DETACH)
+        err = host.umount(mountpoint, host.MNT_DETACH)
         if err:
             log.error("cannot detach %s: %s", mountpoint, os.strerror(err))
 
@@ -354,23 +317,29 @@ def _utf8(text: str) -> bool:
 
 
 async def _mount_view(lower: list[str], mountpoint: Path, options: str) -> None:
+    """`_mount_view_now` in a thread: mount(2) looks up the layers in the FUSE mount this very loop
+    serves, so it must not block the loop."""
+    await trio.to_thread.run_sync(_mount_view_now, lower, mountpoint, options)
+
+
+def _mount_view_now(lower: list[str], mountpoint: Path, options: str) -> None:
     """The image's merged tree at `mountpoint`: overlayfs over the layers (top first), or a bind mount
-    of the only layer; read-only, and nosuid,nodev unless `options` lifts them."""
-    if len(lower) == 1:  # overlayfs wants two lower dirs without an upper one: bind the single layer
-        argv = ["mount", "--bind", "-o", f"ro,{options}", lower[0], str(mountpoint)]
-    else:
-        argv = ["mount", "-t", "overlay", "overlay", "-o", f"ro,{options},lowerdir=" + ":".join(lower)]
-        argv.append(str(mountpoint))
-    proc = await trio.run_process(argv, capture_stderr=True, check=False)
-    if proc.returncode != 0:
-        raise MountError(f"{' '.join(argv[:4])} failed: {proc.stderr.decode().strip()}")
-    if len(lower) == 1:
+    of the only layer; read-only, and nosuid,nodev unless `options` lifts them (mount(2), not mount(8))."""
+    flags = host.MS_RDONLY | (0 if options == TRUSTED_VIEW else host.MS_NOSUID | host.MS_NODEV)
+    try:
+        if len(lower) > 1:
+            host.mount("overlay", mountpoint, "overlay", flags, "lowerdir=" + ":".join(lower))
+            return
+        # overlayfs wants two lower dirs without an upper one: bind the single layer
+        host.mount(lower[0], mountpoint, None, host.MS_BIND)
+    except OSError as e:
+        raise MountError(f"cannot mount the image at {mountpoint}: {e.strerror or e}") from None
+    try:
         # A bind mount keeps the flags of its source until remounted; set exactly ours.
-        argv = ["mount", "-o", f"remount,bind,ro,{options}", str(mountpoint)]
-        proc = await trio.run_process(argv, capture_stderr=True, check=False)
-        if proc.returncode != 0:
-            umount(mountpoint, MNT_DETACH)
-            raise MountError(f"remounting {mountpoint} {options} failed: {proc.stderr.decode().strip()}")
+        host.mount("none", mountpoint, None, host.MS_REMOUNT | host.MS_BIND | flags)
+    except OSError as e:
+        host.umount(mountpoint, host.MNT_DETACH)
+        raise MountError(f"remounting {mountpoint} {options} failed: {e.strerror or e}") from None
 
 
 async def _until_unmounted_or_signalled(mountpoint: Path, signals: AsyncIterator[int]) -> None:
@@ -382,15 +351,9 @@ async def _until_unmounted_or_signalled(mountpoint: Path, signals: AsyncIterator
                 nursery.cancel_scope.cancel()
 
         async def watch_mount() -> None:
-            while _is_mountpoint(mountpoint):
+            while host.is_mountpoint(mountpoint):
                 await trio.sleep(0.5)
             nursery.cancel_scope.cancel()
 
         nursery.start_soon(watch_signals)
         nursery.start_soon(watch_mount)
-
-
-def _is_mountpoint(path: Path) -> bool:
-    target = str(path)
-    with open("/proc/self/mountinfo") as f:
-        return any(line.split()[4] == target for line in f)

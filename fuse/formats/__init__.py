@@ -4,7 +4,7 @@ byte verified; `LayerIndex` is the compact index the filesystem serves from. Rea
 bounded memory and time whatever the TOC claims (`Limits`)."""
 
 from .errors import FormatError, NotLazy, Unverified
-from .footer import ESTARGZ, ESTARGZ_ZSTD, ZSTD_CHUNKED, Footer, parse_footer
+from .footer import Footer, parse_footer
 from .index import Chunk, IndexBuilder, LayerIndex, Limits, Stat, build_index
 from .reader import (
     Layer,
@@ -17,6 +17,7 @@ from .reader import (
     read_toc,
 )
 from .source import BlobSource, BytesSource, FileSource, RegistrySource
+from .spec import ESTARGZ, ESTARGZ_ZSTD, ZSTD_CHUNKED
 
 __all__ = [
     "ESTARGZ",

@@ -1,14 +1,9 @@
-"""Layer annotations that accelerated images carry in their manifests, as other tools write them."""
+"""What a layer's manifest annotations promise: the TOC digest the reader verifies against (the keys
+themselves are in `spec`)."""
 
 from __future__ import annotations
 
-TOC_DIGEST = "containerd.io/snapshot/stargz/toc.digest"  # eStargz (both compressions): sha256 of TOC JSON
-UNCOMPRESSED_SIZE = "io.containers.estargz.uncompressed-size"
-CHUNKED_CHECKSUM = "io.github.containers.zstd-chunked.manifest-checksum"  # sha256 of the compressed TOC
-CHUNKED_POSITION = "io.github.containers.zstd-chunked.manifest-position"  # "offset:length:ulength:1"
-CHUNKED_TARSPLIT = "io.github.containers.zstd-chunked.tarsplit-position"  # "offset:length:ulength"
-LEGACY_CHUNKED_CHECKSUM = "io.containers.zstd-chunked.manifest-checksum"  # older writers, ctr-remote
-LEGACY_CHUNKED_POSITION = "io.containers.zstd-chunked.manifest-position"
+from .spec import CHUNKED_CHECKSUM, LEGACY_CHUNKED_CHECKSUM, TOC_DIGEST
 
 
 def expected_toc_digest(annotations: dict[str, str] | None) -> str | None:

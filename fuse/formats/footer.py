@@ -17,18 +17,17 @@ import struct
 from dataclasses import dataclass
 
 from .errors import FormatError, NotLazy
+from .spec import (
+    CHUNKED_MAGIC,
+    ESTARGZ,
+    ESTARGZ_FOOTER,
+    ESTARGZ_ZSTD,
+    LEGACY_FOOTER,
+    SKIPPABLE_MAGIC,
+    STARGZ_ZSTD_MAGIC,
+    ZSTD_CHUNKED,
+)
 
-ESTARGZ = "estargz"
-ESTARGZ_ZSTD = "estargz-zstd"
-ZSTD_CHUNKED = "zstd-chunked"
-
-ESTARGZ_FOOTER = 51
-LEGACY_FOOTER = 47
-SKIPPABLE_MAGIC = b"\x50\x2a\x4d\x18"
-ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
-GZIP_MAGIC = b"\x1f\x8b"
-STARGZ_ZSTD_MAGIC = b"GnUlInUx"
-CHUNKED_MAGIC = b"GNUlInUx"
 TAIL_NEEDED = 72  # the longest footer on the wire
 _GZIP_HEAD = b"\x1f\x8b\x08\x04\x00\x00\x00\x00\x00\xff"
 _EMPTY_DEFLATE = b"\x01\x00\x00\xff\xff" + b"\x00" * 8

@@ -39,13 +39,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from .errors import FormatError
+from .spec import NO_PREFETCH_LANDMARK, PREFETCH_LANDMARK
 
 ROOT = 1
 DIR, REG, SYMLINK, CHAR, BLOCK, FIFO = range(6)
 GZIP, ZSTD, ZEROS = range(3)  # how a chunk is stored
 KIND_NAMES = {"dir": DIR, "reg": REG, "symlink": SYMLINK, "char": CHAR, "block": BLOCK, "fifo": FIFO}
-PREFETCH_LANDMARK = ".prefetch.landmark"
-NO_PREFETCH_LANDMARK = ".no.prefetch.landmark"
 WHITEOUT = ".wh."
 OPAQUE = ".wh..wh..opq"
 ROOT_NAMES = frozenset({"", ".", "./"})  # how tar writers spell the layer root (formats.md)

@@ -34,15 +34,15 @@ import trio
 import zstandard
 
 from .errors import FormatError, Unverified
-from .footer import ESTARGZ, TAIL_NEEDED, Footer, parse_footer
+from .footer import TAIL_NEEDED, Footer, parse_footer
 from .index import DEFAULT_LIMITS, GZIP, REG, ZEROS, ZSTD, Chunk, IndexBuilder, LayerIndex, Limits
 from .source import BlobSource
+from .spec import ESTARGZ, TOC_NAME
 
 TAIL_READ = 256 << 10  # one suffix read: the footer, and the TOC when it fits
 MAX_STORED_TOC = 64 << 20  # the TOC as stored in the blob (compressed): read and held in memory
 MAX_TOC_SIZE = 256 << 20  # the TOC JSON (streamed, never held whole: this bounds the work)
 MERGE_CAP = 8 << 20  # neighbouring chunk spans merge into one range up to this size
-TOC_NAME = "stargz.index.json"
 TAR_HEAD_LIMIT = 1 << 20  # tar bytes of the stored eStargz TOC before the TOC JSON begins
 ZSTD_MAX_WINDOW = 32 << 20  # largest zstd window accepted (zstd -19 uses 8 MiB; only --ultra/--long more)
 INPUT_PIECE = 64 << 10  # compressed bytes handed to a decompressor at once

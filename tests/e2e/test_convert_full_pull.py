@@ -12,7 +12,7 @@ import pytest
 import trio
 
 from fuse.registry import CredentialStore, HostsConfig, RegistryClient
-from snapshotter.convert import ConvertResult, convert_image
+from snapshotter.convert.converter import ConvertResult, convert_image
 from tests.harness import images as im
 from tests.harness import trees
 from tests.harness.containerd import Containerd

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from fuse.formats.annotations import TOC_DIGEST
+from fuse.formats.spec import TOC_DIGEST
 from tests.e2e.test_convert_full_pull import FORMAT_FILES
 from tests.harness import images as im
 from tests.harness import trees

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import threading
 import time
 import urllib.request
@@ -15,17 +16,17 @@ import grpc
 import pytest
 import trio
 
-from fuse.formats.writer import WriteOptions, convert_bytes
 from fuse.registry import Reference
 from snapshotter import failpoints
-from snapshotter.convert import convert_image
+from snapshotter.convert.converter import convert_image
+from snapshotter.convert.writer import WriteOptions, convert_bytes
 from tests.harness import images as im
 from tests.harness import trees
 from tests.harness.containerd import Containerd
 from tests.harness.containers import RUNTIME_PATHS, container_tree, feature_image
 from tests.harness.procs import free_port, mounts_under
 from tests.harness.registry import Registry, anonymous_client
-from tests.harness.snapshotter import Lazysnap
+from tests.harness.snapshotter import Lazysnap, lazysnap_command
 
 PLUGIN = "lazysnap"
 
@@ -370,3 +371,30 @@ def test_first_prepare_reads_every_layers_toc_ahead(
     )
     assert all(n <= 2 for n in settled.values()), settled  # a tail read, and the TOC when it is larger
     assert len(list((snapshotter.root / "mnt").iterdir())) == len(digests)
+
+
+def test_status_shows_the_daemons_layers_mid_background_fetch(
+    registry: Registry, snapshotter_factory, containerd_factory, workdir: Path
+) -> None:
+    """`lazysnap status` asks the running daemon (its status socket): the image's layers, how much of
+    each is local while the background fetch is still going, the cache and its limit."""
+    snapshotter = lazysnap_with(snapshotter_factory, workdir, background_rate="200kB", cache_limit="1GiB")
+    containerd = containerd_factory(snapshotter_socket=snapshotter.address)
+    image = im.Image([im.Layer([im.File("data/blob", im.pseudo_random(16 << 20, seed=31))])])
+    ref = accelerate(registry, "lazy/status", image, chunk_size=256 << 10)
+    rpull(containerd, ref)
+    time.sleep(4.5)  # the background fetch starts 3 s after the mount: one 4 MiB piece, then 200 kB/s
+    command = [*lazysnap_command(), "status", "--root", str(snapshotter.root)]
+    shown = subprocess.run([*command, "--json"], capture_output=True, text=True, timeout=30)
+    assert shown.returncode == 0, shown.stderr
+    doc = json.loads(shown.stdout)
+    (layer,) = doc["layers"]
+    assert layer["image"] == ref and layer["refs"] == 1
+    assert 0 < layer["fetched"] < 1, layer  # mid-way
+    assert 0 < layer["bytes_local"] < layer["bytes"] and layer["bytes"] >= 16 << 20  # file content
+    assert doc["cache"]["limit"] == 1 << 30
+    table = subprocess.run(command, capture_output=True, text=True, timeout=30)
+    assert table.returncode == 0 and ref in table.stdout and "\x1b" not in table.stdout, table.stdout
+    snapshotter.stop()
+    gone = subprocess.run(command, capture_output=True, text=True, timeout=30)
+    assert gone.returncode == 1 and gone.stdout == "" and len(gone.stderr.splitlines()) == 1, gone

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from fuse.formats.annotations import TOC_DIGEST
+from fuse.formats.spec import TOC_DIGEST
 from fuse.registry import Reference
 from snapshotter import failpoints
 from tests.e2e.test_lazy_pull import accelerate

@@ -17,8 +17,8 @@ from fuse.formats import Layer, RegistrySource, open_layer
 from fuse.formats.annotations import expected_toc_digest
 from fuse.formats.index import REG
 from fuse.registry import RegistryClient
-from snapshotter.convert import convert_image
-from snapshotter.optimize import OptimizeError, record_accessed_files
+from snapshotter.convert.converter import convert_image
+from snapshotter.convert.optimize import OptimizeError, record_accessed_files
 from tests.harness import images as im
 from tests.harness.accelerate import BUSYBOX
 from tests.harness.procs import mounts_under, pids_with_cmdline
@@ -100,10 +100,10 @@ async def test_convert_optimize_prioritizes_what_the_workload_reads(registry: Re
     argv = [LAZYSNAP, "convert", src, dst, "--optimize", "--run", "cat /etc/a /data/b > /dev/null"]
     proc = subprocess.run([*argv, "--tmpdir", str(tmp)], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "the workload exited with status 0" in proc.stdout
-    recorded = int(proc.stdout.split("recorded ")[1].split()[0])
-    assert recorded == 3, proc.stdout  # /bin/busybox (exec'd), /etc/a, /data/b
-    assert f"pushed {dst}@sha256:" in proc.stdout
+    assert "the workload exited with status 0" in proc.stderr  # what it does: stderr, with progress
+    recorded = int(proc.stderr.split("recorded ")[1].split()[0])
+    assert recorded == 3, proc.stderr  # /bin/busybox (exec'd), /etc/a, /data/b
+    assert f"pushed {dst}@sha256:" in proc.stdout  # the result: stdout
     assert_nothing_left(tmp)
 
     async with RegistryClient() as client:

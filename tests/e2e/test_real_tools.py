@@ -26,7 +26,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from snapshotter.remote import layer_name
+from fuse.layers import layer_name
 from tests.harness import realtools as rt
 from tests.harness import trees
 from tests.harness.containerd import Containerd

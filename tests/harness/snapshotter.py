@@ -25,7 +25,7 @@ import grpc
 from snapshotter.api.containerd.services.snapshots.v1 import snapshots_pb2 as pb
 from snapshotter.api.containerd.services.snapshots.v1 import snapshots_pb2_grpc
 from snapshotter.api.containerd.types import mount_pb2
-from snapshotter.config import load as load_config
+from snapshotter.daemon.config import load as load_config
 
 from .procs import Service
 

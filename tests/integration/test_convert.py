@@ -4,23 +4,29 @@ sources, DST defaults, cross-repository mounts, idempotence, clear errors, and t
 from __future__ import annotations
 
 import argparse
+import fcntl
 import gzip
 import hashlib
 import io
 import json
+import os
+import re
+import struct
 import subprocess
 import tarfile
+import termios
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from fuse.registry import Reference, RegistryClient
-from snapshotter import convert
-from snapshotter.convert import ConvertError, convert_image
+from snapshotter.convert import cli as convert
+from snapshotter.convert.converter import ConvertError, convert_image, read_prioritized
 from tests.harness import images as im
 from tests.harness.auth import htpasswd_config
 from tests.harness.registry import Registry, anonymous_client
+from tests.harness.snapshotter import lazysnap_command
 from tests.unit.test_writer import read_toc
 
 GZIP, ZSTD = "application/vnd.oci.image.layer.v1.tar+gzip", "application/vnd.oci.image.layer.v1.tar+zstd"
@@ -254,7 +260,7 @@ async def test_command_line(registry: Registry, workdir: Path, capsys: pytest.Ca
             "--format",
             "estargz-zstd",
             "--chunk-size",
-            "1M",
+            "1MiB",
             "--prioritize-from",
             str(prio),
             "--level",
@@ -281,8 +287,51 @@ async def test_command_line(registry: Registry, workdir: Path, capsys: pytest.Ca
 def test_prioritized_list_formats(tmp_path: Path) -> None:
     path = tmp_path / "list"
     path.write_text('{"path": "/a"}\n\n# c\n b \n')
-    assert convert.read_prioritized(path) == ["/a", "b"]
+    assert read_prioritized(path) == ["/a", "b"]
     path.write_text('{"nopath": 1}\n')
     with pytest.raises(ConvertError, match='without a "path"'):
-        convert.read_prioritized(path)
-    assert convert.parse_size("4MiB") == 4 << 20 and convert.parse_size("65536") == 65536
+        read_prioritized(path)
+
+
+def test_command_line_progress_on_a_terminal_and_in_a_pipe(registry: Registry, workdir: Path) -> None:
+    """`lazysnap convert` shows live progress on a terminal (rich: redrawn rows, the rate) and plain
+    lines without escapes when its output is a pipe; the result line is on stdout either way."""
+    im.push_image(registry.url, "conv/progress", "v1", image())
+    command = [*lazysnap_command(), "convert"]
+    piped = subprocess.run(
+        [*command, f"{registry.host}/conv/progress:v1", f"{registry.host}/conv/progress:piped"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert piped.returncode == 0, piped.stderr
+    assert f"pushed {registry.host}/conv/progress:piped@sha256:" in piped.stdout
+    assert "\x1b" not in piped.stderr and "\r" not in piped.stderr
+    assert re.search(r"layer 1/\d+ sha256:\w+: done: read .* MB, wrote .* MB", piped.stderr), piped.stderr
+
+    controller, terminal = os.openpty()
+    fcntl.ioctl(terminal, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 160, 0, 0))
+    env = {k: v for k, v in os.environ.items() if k not in ("NO_COLOR", "TERM", "CI")} | {"TERM": "xterm"}
+    proc = subprocess.Popen(
+        [*command, f"{registry.host}/conv/progress:v1", f"{registry.host}/conv/progress:tty"],
+        stdin=terminal,
+        stdout=terminal,
+        stderr=terminal,
+        env=env,
+    )
+    os.close(terminal)
+    shown = bytearray()
+    while True:
+        try:
+            data = os.read(controller, 65536)
+        except OSError:  # EIO: the child closed the terminal
+            break
+        if not data:
+            break
+        shown += data
+    os.close(controller)
+    assert proc.wait(timeout=120) == 0, shown.decode(errors="replace")
+    text = shown.decode(errors="replace")
+    assert "\x1b[" in text, text  # rich's live display draws with escape sequences
+    assert f"pushed {registry.host}/conv/progress:tty@sha256:" in text
+    assert "done: read" in text

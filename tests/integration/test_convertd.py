@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from fuse.formats.annotations import CHUNKED_CHECKSUM, TOC_DIGEST
+from fuse.formats.spec import CHUNKED_CHECKSUM, TOC_DIGEST
 from fuse.registry import Credentials, CredentialStore, HostsConfig, Reference, RegistryClient
 from tests.harness import images as im
 from tests.harness.auth import htpasswd_config

@@ -9,8 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from snapshotter.convertd import main
-from snapshotter.convertd_config import (
+from snapshotter.convertd.config import (
     Config,
     ConfigError,
     RepositoryRule,
@@ -18,8 +17,9 @@ from snapshotter.convertd_config import (
     load_config,
     parse_listen,
 )
-from snapshotter.convertd_events import Ignored, classify, parse_timestamp
-from snapshotter.jobs import Push, RetryPolicy
+from snapshotter.convertd.events import Ignored, classify, parse_timestamp
+from snapshotter.convertd.jobs import Push, RetryPolicy
+from snapshotter.convertd.service import main
 
 DIGEST = "sha256:" + "d" * 64
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"

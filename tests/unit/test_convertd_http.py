@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 import trio
 
-from snapshotter.convertd import Convertd
-from snapshotter.convertd_config import Config, RepositoryRule
-from snapshotter.convertd_http import HttpServer, Limits, Request, Response, json_response
-from snapshotter.jobs import JobStore
+from snapshotter.convertd.config import Config, RepositoryRule
+from snapshotter.convertd.jobs import JobStore
+from snapshotter.convertd.server import HttpServer, Limits, Request, Response, json_response
+from snapshotter.convertd.service import Convertd
 
 DIGEST = "sha256:" + "e" * 64
 FAST = Limits(head_timeout=1.0, body_timeout=1.0, send_timeout=1.0)  # real time: keep the tests short

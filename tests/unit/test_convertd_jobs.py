@@ -1,4 +1,4 @@
-"""convertd's persistent queue (snapshotter.jobs): dedup by digest, tags and their ordering, one job per
+"""convertd's persistent queue (convertd.jobs): dedup by digest, tags and their ordering, one job per
 tag at a time, retry and backoff bookkeeping, and what a restart finds."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from snapshotter.jobs import Job, JobStore, Push, QueueError, RetryPolicy
+from snapshotter.convertd.jobs import Job, JobStore, Push, QueueError, RetryPolicy
 
 A = "sha256:" + "a" * 64
 B = "sha256:" + "b" * 64

@@ -11,13 +11,13 @@ from pathlib import Path
 import pytest
 import trio
 
-from fuse.formats.annotations import CHUNKED_CHECKSUM, TOC_DIGEST
-from fuse.formats.write_tar import TarFormatError
+from fuse.formats.spec import CHUNKED_CHECKSUM, TOC_DIGEST
 from fuse.registry import ManifestError, NotFound, Reference, Unavailable
-from snapshotter.convert import ConvertError
-from snapshotter.convertd import Convertd, Skip, _describe, _permanent, inspect
-from snapshotter.convertd_config import Config, RepositoryRule
-from snapshotter.jobs import Job, JobStore, Push
+from snapshotter.convert.converter import ConvertError
+from snapshotter.convert.tar import TarFormatError
+from snapshotter.convertd.config import Config, RepositoryRule
+from snapshotter.convertd.jobs import Job, JobStore, Push
+from snapshotter.convertd.service import Convertd, Skip, _describe, _permanent, inspect
 
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"

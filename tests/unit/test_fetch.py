@@ -11,7 +11,7 @@ import trio
 from fuse.cache import ChunkCache
 from fuse.fetch import MERGE_UNMEASURED, Fetcher, FetchOptions, FetchTimeout, LayerHandle, LinkEstimate
 from fuse.formats import BytesSource, open_layer
-from fuse.formats.writer import WriteOptions, convert_bytes
+from snapshotter.convert.writer import WriteOptions, convert_bytes
 from tests.harness import images as im
 
 FILES = {f"f{i:02d}": im.pseudo_random(100_000 + i, seed=i) for i in range(20)}

@@ -29,7 +29,7 @@ import trio
 from fuse.cache import CacheError, ChunkCache
 from fuse.fetch import Fetcher, FetchOptions, FetchTimeout, LayerHandle
 from fuse.formats import FormatError, Unverified, open_layer
-from fuse.formats.writer import estargz_footer
+from snapshotter.convert.writer import estargz_footer
 from tests.harness.procs import peak_rss_mib
 from tests.unit.test_cache import tmpfs
 from tests.unit.test_fetch import BIG, FILES, CountingSource, setup
@@ -376,7 +376,8 @@ from pathlib import Path
 from fuse.cache import ChunkCache
 from fuse.fetch import Fetcher, FetchOptions, LayerHandle
 from fuse.formats import open_layer
-from fuse.fs import LazyFS, MOUNT_OPTIONS, raise_read_ahead
+from fuse.fs import LazyFS, MOUNT_OPTIONS
+from fuse.mount import raise_read_ahead
 from tests.unit.test_fetch import CountingSource, layer_tar
 
 async def main(tmp: Path, timeout: float) -> None:

@@ -24,8 +24,8 @@ import trio
 import zstandard
 
 from fuse.formats import BytesSource, FormatError, open_layer
-from fuse.formats.footer import SKIPPABLE_MAGIC
 from fuse.formats.index import GZIP, ZSTD, Chunk
+from fuse.formats.spec import SKIPPABLE_MAGIC
 from tests.harness.procs import peak_rss_mib
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -26,7 +26,7 @@ from fuse.formats import (
     open_layer,
     parse_footer,
 )
-from fuse.formats.footer import SKIPPABLE_MAGIC
+from fuse.formats.spec import SKIPPABLE_MAGIC
 
 
 def sha(data: bytes) -> str:

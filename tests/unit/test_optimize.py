@@ -16,13 +16,13 @@ import pytest
 from fuse.cache import ChunkCache
 from fuse.fetch import Fetcher, LayerHandle
 from fuse.formats import BytesSource, open_layer
-from fuse.formats.writer import WriteOptions, convert_bytes
 from fuse.fs import LazyFS
 from fuse.registry import RegistryClient
-from snapshotter import convert
-from snapshotter.convert import ConvertError, read_prioritized
+from snapshotter.convert import cli as convert
+from snapshotter.convert.converter import ConvertError, read_prioritized
+from snapshotter.convert.optimize import DEFAULT_PATH, optimize_image, scratch_tag, workload_environment
+from snapshotter.convert.writer import WriteOptions, convert_bytes
 from snapshotter.mount import write_record
-from snapshotter.optimize import DEFAULT_PATH, optimize_image, scratch_tag, workload_environment
 from tests.harness import images as im
 
 

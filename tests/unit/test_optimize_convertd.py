@@ -10,12 +10,12 @@ from typing import Any
 
 import pytest
 
-from snapshotter import convertd
-from snapshotter.convert import ConvertResult
-from snapshotter.convertd import Convertd
-from snapshotter.convertd_config import Config, ConfigError, RepositoryRule, load_config
-from snapshotter.convertd_events import classify
-from snapshotter.jobs import JobStore, Push
+from snapshotter.convert.converter import ConvertResult
+from snapshotter.convertd import service as convertd
+from snapshotter.convertd.config import Config, ConfigError, RepositoryRule, load_config
+from snapshotter.convertd.events import classify
+from snapshotter.convertd.jobs import JobStore, Push
+from snapshotter.convertd.service import Convertd
 
 DIGEST = "sha256:" + "d" * 64
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"

@@ -11,7 +11,7 @@ import pytest
 
 from fuse.formats import build_index
 from fuse.formats.index import GZIP
-from snapshotter.remote import _inherit
+from fuse.layers import _inherit
 
 HOST_MODE, HOST_UID, HOST_GID, HOST_MTIME = 0o701, 4242, 4343, 1_234_567_890_000_000_000
 

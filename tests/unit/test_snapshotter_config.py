@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from snapshotter.cli import main
-from snapshotter.config import DEFAULT_ADDRESS, DEFAULT_ROOT, Config, ConfigError, load
+from snapshotter.daemon.config import DEFAULT_ADDRESS, DEFAULT_ROOT, Config, ConfigError, load
 
 
 def write(tmp_path: Path, text: str) -> Path:
@@ -41,7 +41,7 @@ def test_flags_override_the_file(tmp_path: Path) -> None:
         ('address = "/' + "x" * 120 + '"\n', "limit of unix socket paths"),
         ('root = "/a"\nroot = "/b"\n', "invalid TOML"),
         ("root = \n", "line 1"),
-        ('cache_limit = "lots"\n', "line 1: cache_limit must be a size"),
+        ('cache_limit = "lots"\n', "line 1: cache_limit: 'lots' is not a size"),
         ('background = "yes"\n', "line 1: background must be true or false"),
         ("read_timeout = -1\n", "line 1: read_timeout must be a positive number"),
         ('metrics_address = "9090"\n', "line 1: metrics_address must be host:port"),

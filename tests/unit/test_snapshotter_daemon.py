@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from snapshotter.daemon import check_kernel, lock_root
+from snapshotter.daemon.main import check_kernel, lock_root
 from snapshotter.errors import StartupError
 
 WITH_OVERLAY = "nodev\tsysfs\nnodev\ttmpfs\n\text4\nnodev\toverlay\nnodev\tfuse\n"

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from snapshotter.filters import FilterError, parse, parse_all, unquote
+from snapshotter.daemon.filters import FilterError, parse, parse_all, unquote
 
 OBJ = {
     "name": "default/3/sha256:abc",

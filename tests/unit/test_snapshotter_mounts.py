@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from snapshotter.overlay import Mount, snapshot_mounts, supports_index_off
-from snapshotter.store import Kind
-from snapshotter.usage import disk_usage
+from snapshotter.daemon.overlay import Mount, snapshot_mounts, supports_index_off
+from snapshotter.daemon.store import Kind
+from snapshotter.daemon.usage import disk_usage
 
 FS, WORK = "/r/snapshots/9/fs", "/r/snapshots/9/work"
 P1, P2, P3 = "/r/snapshots/8/fs", "/r/snapshots/5/fs", "/r/snapshots/1/fs"

@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 
 from snapshotter import failpoints
+from snapshotter.daemon.filters import parse_all
+from snapshotter.daemon.snapshots import MAX_LABEL_BYTES, Snapshotter
+from snapshotter.daemon.store import Kind, Store
 from snapshotter.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
-from snapshotter.filters import parse_all
-from snapshotter.snapshots import MAX_LABEL_BYTES, Snapshotter
-from snapshotter.store import Kind, Store
 
 
 @pytest.fixture
@@ -237,7 +237,7 @@ CHILD = """
 import sys
 from pathlib import Path
 from snapshotter import failpoints
-from snapshotter.snapshots import Snapshotter
+from snapshotter.daemon.snapshots import Snapshotter
 
 failpoints.load_from_environment()
 s = Snapshotter(Path(sys.argv[1]), index_off=True)

@@ -18,13 +18,10 @@ import pytest
 import trio
 import zstandard
 
-from fuse.formats.write_tar import TarFormatError, ustar_header
-from fuse.formats.write_tarsplit import crc64_iso_reference
-from fuse.formats.writer import (
-    ESTARGZ,
-    ESTARGZ_ZSTD,
-    FORMATS,
-    ZSTD_CHUNKED,
+from fuse.formats.spec import ESTARGZ, ESTARGZ_ZSTD, FORMATS, ZSTD_CHUNKED
+from snapshotter.convert.tar import TarFormatError, ustar_header
+from snapshotter.convert.tarsplit import crc64_iso_reference
+from snapshotter.convert.writer import (
     LayerResult,
     WriteOptions,
     WriterError,

@@ -14,9 +14,10 @@ from pathlib import Path
 import pytest
 import zstandard
 
-from fuse.formats.write_tar import TarFormatError
-from fuse.formats.write_tarsplit import Crc64Iso, crc64_iso_reference
-from fuse.formats.writer import FORMATS, WriteOptions, convert_bytes, write_layer
+from fuse.formats.spec import FORMATS
+from snapshotter.convert.tar import TarFormatError
+from snapshotter.convert.tarsplit import Crc64Iso, crc64_iso_reference
+from snapshotter.convert.writer import WriteOptions, convert_bytes, write_layer
 from tests.harness import images as im
 
 REPO = Path(__file__).resolve().parents[2]
@@ -26,7 +27,7 @@ REPO = Path(__file__).resolve().parents[2]
 # before and after the conversion.
 CHILD = r"""
 import hashlib, io, json, resource, sys, tarfile
-from fuse.formats.writer import WriteOptions, write_layer
+from snapshotter.convert.writer import WriteOptions, write_layer
 from tests.harness.procs import peak_rss_mib
 
 fmt, prioritized = sys.argv[1], sys.argv[2:]
@@ -131,7 +132,7 @@ def test_crc64_is_gos_crc64_iso() -> None:
 def test_converter_reads_accelerated_sources(fmt: str) -> None:
     """The converter's decompression of source layers: multi-member gzip, multi-frame zstd with
     skippable frames (an accelerated layer as the source) give back the tar, and a cut blob fails."""
-    from snapshotter.convert import open_decompressed
+    from snapshotter.convert.converter import open_decompressed
 
     tar = im.Layer([im.File("a", im.pseudo_random(300_000, seed=1)), im.File("b/c", b"c")]).tar()
     blob, first = convert_bytes(tar, WriteOptions(format=fmt, chunk_size=64 << 10))

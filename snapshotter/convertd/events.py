@@ -14,9 +14,8 @@ from urllib.parse import urlsplit
 
 from fuse.registry import Reference, RegistryError
 from fuse.registry import manifests as mf
-
-from .convertd_config import Config
-from .jobs import Push
+from snapshotter.convertd.config import Config
+from snapshotter.convertd.jobs import Push
 
 EVENTS_MEDIA_TYPE = "application/vnd.docker.distribution.events.v1+json"
 MANIFEST_TYPES = frozenset((*mf.MANIFESTS, *mf.INDEXES))

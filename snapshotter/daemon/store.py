@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from enum import IntEnum
 from pathlib import Path
 
-from .errors import StartupError
+from snapshotter.errors import StartupError
 
 SCHEMA_VERSION = 1
 BUSY_TIMEOUT_MS = 10_000

@@ -14,12 +14,11 @@ from prometheus_client import start_http_server
 from prometheus_client.core import REGISTRY, CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
 from fuse.fetch import LATENCY_BUCKETS
-
-from . import service
+from snapshotter.daemon import service
 
 if TYPE_CHECKING:
-    from .lazy import LazyRuntime
-    from .snapshots import Snapshotter
+    from snapshotter.daemon.lazy import LazyRuntime
+    from snapshotter.daemon.snapshots import Snapshotter
 
 log = logging.getLogger("lazysnap.metrics")
 
@@ -98,16 +97,8 @@ class Collector:
         for reason, n in sorted(self.lazy.layers.fallbacks.items()):
             fallbacks.add_metric([reason], n)
         yield fallbacks
-        calls = CounterMetricFamily(
-            "lazysnap_rpcs", "Snapshots RPCs by method and code", labels=["rpc", "code"]
-        )
-        for (rpc, code), n in sorted(service.RPC_CALLS.items()):
-            calls.add_metric([rpc, code], n)
-        yield calls
-        seconds = CounterMetricFamily("lazysnap_rpc_seconds", "Time spent in RPCs", labels=["rpc"])
-        for rpc, t in sorted(service.RPC_SECONDS.items()):
-            seconds.add_metric([rpc], t)
-        yield seconds
+        yield from service.RPC_CALLS.collect()
+        yield from service.RPC_SECONDS.collect()
 
 
 def serve(address: str, snapshotter: Snapshotter, lazy: LazyRuntime) -> None:

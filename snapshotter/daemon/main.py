@@ -10,10 +10,10 @@ arrive. Orphaned snapshot directories left by a crash are removed before the soc
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
+import argparse
 import errno
 import fcntl
+import functools
 import logging
 import os
 import signal
@@ -28,20 +28,17 @@ from pathlib import Path
 import grpc
 import trio
 
-from snapshotter import __version__
+from snapshotter import __version__, failpoints, host, logs
 from snapshotter.api.containerd.services.snapshots.v1 import snapshots_pb2_grpc
-
-from . import failpoints, logs, metrics
-from .config import Config
-from .errors import StartupError
-from .layout import remove_tree
-from .lazy import LazyRuntime, RemoteBridge, ServingStopped
-from .service import SnapshotsService
-from .snapshots import Snapshotter
+from snapshotter.daemon import metrics, status
+from snapshotter.daemon.config import DEFAULT_CONFIG, Config, load
+from snapshotter.daemon.layout import remove_tree
+from snapshotter.daemon.lazy import LazyRuntime, RemoteBridge, ServingStopped
+from snapshotter.daemon.service import SnapshotsService
+from snapshotter.daemon.snapshots import RemoteLayerSource, Snapshotter
+from snapshotter.errors import ConfigError, StartupError
 
 log = logging.getLogger("lazysnap.daemon")
-_libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
-MNT_DETACH = 2
 
 WORKERS = 16  # gRPC handler threads: containerd unpacks several layers at once, CRI polls Stat/Usage
 SHUTDOWN_GRACE = 8.0  # seconds in-flight RPCs get to finish after SIGTERM
@@ -108,7 +105,7 @@ def check_overlay_on(root: Path, index_off: bool) -> None:
     checks at start: a root on a filesystem overlayfs rejects as upper layer fails here, clearly, and
     not later in every container start. Skipped (with a warning) when not running as root."""
     for stale in root.glob(OVERLAY_CHECK_PREFIX + "*"):  # left by a crash during this check
-        _libc.umount2(os.fsencode(stale / "merged"), MNT_DETACH)
+        host.umount(stale / "merged", host.MNT_DETACH)
         remove_tree(stale)
     if os.geteuid() != 0:
         log.warning(
@@ -122,15 +119,15 @@ def check_overlay_on(root: Path, index_off: bool) -> None:
         options = f"lowerdir={d}/lower,upperdir={d}/upper,workdir={d}/work"
         if index_off:
             options = "index=off," + options
-        merged = os.fsencode(d / "merged")
-        if _libc.mount(b"overlay", merged, b"overlay", 0, options.encode()) != 0:
-            err = ctypes.get_errno()
+        try:
+            host.mount("overlay", d / "merged", "overlay", 0, options)
+        except OSError as e:
             raise StartupError(
-                f"overlayfs cannot use state root {root} for its upper directories ({os.strerror(err)}); "
+                f"overlayfs cannot use state root {root} for its upper directories ({os.strerror(e.errno)}); "
                 "put the root on ext4, xfs (ftype=1) or btrfs, not on overlayfs, tmpfs without xattrs "
                 "or a network filesystem"
-            )
-        _libc.umount2(merged, 0)
+            ) from None
+        host.umount(d / "merged")
 
 
 def lock_root(root: Path) -> int:
@@ -196,12 +193,12 @@ class Daemon:
         self.prepare()
         self.listen()
 
-    def prepare(self) -> None:
+    def prepare(self, remote: RemoteLayerSource | None = None) -> None:
         """Checks, state root, store, orphans: everything before the socket opens."""
         check_kernel()
         prepare_root(self.root)
         self._lock_fd = lock_root(self.root)
-        self.snapshotter = Snapshotter(self.root)
+        self.snapshotter = Snapshotter(self.root, remote=remote)
         check_overlay_on(self.root, self.snapshotter.index_off)
         removed = self.snapshotter.cleanup()
         if removed:
@@ -304,16 +301,20 @@ async def _run(config: Config, daemon: Daemon, runtime: list[LazyRuntime]) -> in
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async with trio.open_nursery() as nursery:
             try:
-                daemon.prepare()
-                assert daemon.snapshotter is not None
                 lazy = LazyRuntime(config)
                 runtime.append(lazy)
+                daemon.prepare(RemoteBridge(lazy.layers, trio.lowlevel.current_trio_token()))
+                assert daemon.snapshotter is not None
                 await lazy.start(nursery, daemon.snapshotter.remote_layers())
-                daemon.snapshotter.remote = RemoteBridge(lazy.layers, trio.lowlevel.current_trio_token())
                 daemon.listen()
                 if config.metrics_address:
                     metrics.serve(config.metrics_address, daemon.snapshotter, lazy)
-                sd_notify("READY=1")
+                await nursery.start(
+                    status.serve_status,
+                    status.socket_path(config.root),
+                    functools.partial(status.status_document, lazy, daemon.snapshotter),
+                )
+                host.sd_notify("READY=1")
             except (StartupError, OSError) as e:
                 print(f"lazysnap serve: cannot start: {e}", file=sys.stderr)
                 await _shutdown(daemon, lazy)
@@ -322,7 +323,7 @@ async def _run(config: Config, daemon: Daemon, runtime: list[LazyRuntime]) -> in
             async for signum in signals:
                 log.info("%s received: stopping", signal.Signals(signum).name)
                 break
-            sd_notify("STOPPING=1")
+            host.sd_notify("STOPPING=1")
 
             async def report_more() -> None:
                 async for again in signals:
@@ -342,15 +343,28 @@ async def _shutdown(daemon: Daemon, lazy: LazyRuntime | None) -> None:
             await lazy.stop()
 
 
-def sd_notify(state: str) -> None:
-    """Tell systemd (Type=notify) about our state, when it is watching."""
-    address = os.environ.get("NOTIFY_SOCKET")
-    if not address:
-        return
-    if address.startswith("@"):
-        address = "\0" + address[1:]
-    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
-        try:
-            s.sendto(state.encode(), address)
-        except OSError as e:
-            log.warning("cannot notify systemd (%s): %s", address.lstrip("\0"), e)
+def add_arguments(serve: argparse.ArgumentParser) -> None:
+    """The arguments of `lazysnap serve`."""
+    serve.add_argument(
+        "--config",
+        type=Path,
+        metavar="FILE",
+        help="TOML file (default /etc/lazysnap/config.toml when it exists)",
+    )
+    serve.add_argument("--root", metavar="DIR", help="state root (default /var/lib/lazysnap)")
+    serve.add_argument("--address", metavar="SOCKET", help="socket (default /run/lazysnap/lazysnap.sock)")
+    serve.add_argument("--log-level", choices=["debug", "info", "warning", "error"], help="default info")
+
+
+def run(args: argparse.Namespace) -> int:
+    """`lazysnap serve`: 2 for a bad configuration, else what `serve` returns."""
+    try:
+        if args.config:
+            config = load(args.config)
+        else:
+            config = load(DEFAULT_CONFIG) if DEFAULT_CONFIG.exists() else Config()
+        config = config.with_overrides(root=args.root, address=args.address, log_level=args.log_level)
+    except ConfigError as e:
+        print(f"lazysnap serve: {e}", file=sys.stderr)
+        return 2
+    return serve(config)

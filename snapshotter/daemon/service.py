@@ -1,9 +1,10 @@
 """The gRPC `containerd.services.snapshots.v1.Snapshots` service, over the snapshotter (snapshots.py).
 
 Each RPC translates protobuf to Python and back, maps snapshot errors to the status codes containerd's
-errdefs expects (InvalidArgument, NotFound, AlreadyExists, FailedPrecondition; anything unexpected is
-Unknown and logged with its traceback), and logs the request and its outcome with timing at debug level.
-`List` streams its results in batches, as containerd's own service does.
+errdefs expects (`STATUS_OF`: InvalidArgument, NotFound, AlreadyExists, FailedPrecondition; anything
+unexpected is Unknown and logged with its traceback), counts it by method and code (prometheus_client
+counters: exact when the 16 gRPC threads count at once), and logs the request and its outcome with timing
+at debug level. `List` streams its results in batches, as containerd's own service does.
 """
 
 from __future__ import annotations
@@ -11,22 +12,21 @@ from __future__ import annotations
 import functools
 import logging
 import time
-from collections import Counter
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import grpc
 from google.protobuf import empty_pb2
+from prometheus_client import Counter
 
+from snapshotter import failpoints
 from snapshotter.api.containerd.services.snapshots.v1 import snapshots_pb2, snapshots_pb2_grpc
 from snapshotter.api.containerd.types import mount_pb2
-
-from . import failpoints
-from .errors import SnapshotError
-from .filters import FilterError, parse_all
-from .overlay import Mount
-from .snapshots import Snapshotter
-from .store import Record
+from snapshotter.daemon.filters import FilterError, parse_all
+from snapshotter.daemon.overlay import Mount
+from snapshotter.daemon.snapshots import Snapshotter
+from snapshotter.daemon.store import Record
+from snapshotter.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, SnapshotError
 
 log = logging.getLogger("lazysnap.rpc")
 
@@ -74,14 +74,27 @@ def _request_fields(request: Any) -> dict[str, object]:
     return fields
 
 
-#: (rpc, code) -> number of calls, and rpc -> seconds spent: read by the metrics endpoint.
-RPC_CALLS: Counter[tuple[str, str]] = Counter()
-RPC_SECONDS: Counter[str] = Counter()
+#: The status containerd's errdefs expects for each snapshot error (any other: UNKNOWN).
+STATUS_OF: dict[type[SnapshotError], grpc.StatusCode] = {
+    InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
+    NotFound: grpc.StatusCode.NOT_FOUND,
+    AlreadyExists: grpc.StatusCode.ALREADY_EXISTS,
+    FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
+}
+
+#: Calls by (rpc, code) and seconds by rpc; registered in no registry: the daemon's metrics collector
+#: exports them (snapshotter.daemon.metrics).
+RPC_CALLS = Counter("lazysnap_rpcs", "Snapshots RPCs by method and code", ["rpc", "code"], registry=None)
+RPC_SECONDS = Counter("lazysnap_rpc_seconds", "Time spent in RPCs", ["rpc"], registry=None)
+
+
+def status_of(e: SnapshotError) -> grpc.StatusCode:
+    return next((code for kind, code in STATUS_OF.items() if isinstance(e, kind)), grpc.StatusCode.UNKNOWN)
 
 
 def _log(rpc: str, request: Any, start: float, code: str, **extra: object) -> None:
-    RPC_CALLS[(rpc, code)] += 1
-    RPC_SECONDS[rpc] += time.perf_counter() - start
+    RPC_CALLS.labels(rpc, code).inc()
+    RPC_SECONDS.labels(rpc).inc(time.perf_counter() - start)
     if log.isEnabledFor(logging.DEBUG):
         fields = {"rpc": rpc, **_request_fields(request), "code": code, **extra}
         fields["ms"] = (time.perf_counter() - start) * 1000
@@ -99,8 +112,9 @@ def _unary(method: Callable[..., Any]) -> Callable[..., Any]:
             failpoints.hit(f"rpc.{rpc}")
             response = method(self, request, context)
         except SnapshotError as e:
-            _log(rpc, request, start, e.code.name, error=str(e))
-            context.abort(e.code, str(e))
+            code = status_of(e)
+            _log(rpc, request, start, code.name, error=str(e))
+            context.abort(code, str(e))
         except Exception as e:
             log.exception("rpc failed", extra={"fields": {"rpc": rpc, **_request_fields(request)}})
             context.abort(grpc.StatusCode.UNKNOWN, f"{rpc} failed unexpectedly: {e}")

@@ -1,16 +1,14 @@
-"""Remote layers: which Prepare calls are lazy pulls, and the layers that serve them from the FUSE mount.
+"""Remote layers: the layers served lazily from the FUSE mount, each asked for by a `LayerRequest` (image,
+layer digest, TOC digest; the daemon makes them from containerd's Prepare labels, see
+`snapshotter.daemon.labels`), and `Fallback`, the reason a layer is pulled in full instead.
 
-containerd asks for a lazy pull by labelling the Prepare of each layer (shared/reference/
-containerd-protocol.md): `ctr-remote rpull` with `containerd.io/snapshot/remote/stargz.*`, CRI with
-`containerd.io/snapshot/cri.*`, both with the target name in `containerd.io/snapshot.ref` and, when the
-manifest has it, the TOC digest in `containerd.io/snapshot/stargz/toc.digest`. `remote_request` reads
-those labels; `RemoteLayers.acquire` opens the layer (the image manifest gives the blob size and, for
+`RemoteLayers.acquire` opens the layer (the image manifest gives the blob size and, for
 zstd:chunked, the TOC digest the labels lack), verifies its TOC, stores footer and TOC under
 `<root>/layers/<name>/` (so a restart needs no network), and shows it in the FUSE mount as
 `<root>/mnt/<name>`. Directories a layer creates only implicitly take their attributes from the same
 directory in the layers below, resolved as overlayfs merges them and never through a symlink (see
-`_inherit`). Layers are reference counted by the snapshots that use them. The labels of a layer's
-Prepare also name the image's other layers: their TOCs are read and indexed at once, concurrently, so
+`_inherit`). Layers are reference counted by the snapshots that use them. A request also names
+the image's other layers: their TOCs are read and indexed at once, concurrently, so
 the Prepares that containerd sends one after another find them ready. Anything that makes a layer not
 lazily loadable (an ordinary layer, a TOC that does not verify, a registry that does not answer
 in time) is a `Fallback` with its reason: containerd then pulls the layer in full.
@@ -52,16 +50,7 @@ from fuse.registry import manifests as mf
 
 log = logging.getLogger("lazysnap.remote")
 
-TARGET = "containerd.io/snapshot.ref"
-TOC_DIGEST = "containerd.io/snapshot/stargz/toc.digest"
-STARGZ_REFERENCE = "containerd.io/snapshot/remote/stargz.reference"
-STARGZ_DIGEST = "containerd.io/snapshot/remote/stargz.digest"
-CRI_REFERENCE = "containerd.io/snapshot/cri.image-ref"
-CRI_DIGEST = "containerd.io/snapshot/cri.layer-digest"
-CRI_MANIFEST = "containerd.io/snapshot/cri.manifest-digest"
-STARGZ_LAYERS = "containerd.io/snapshot/remote/stargz.layers"  # this layer's digest, then those above
-CRI_LAYERS = "containerd.io/snapshot/cri.image-layers"  # every layer of the image
-MAX_AHEAD = 128  # layers opened ahead from one Prepare's labels (images have far fewer)
+MAX_AHEAD = 128  # layers opened ahead from one request (images have far fewer)
 AHEAD_KEEP = 120.0  # seconds a layer opened ahead waits for its own Prepare before it is dropped
 _DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
 
@@ -75,29 +64,13 @@ class Fallback(Exception):
 
 
 @dataclass(frozen=True)
-class RemoteRequest:
+class LayerRequest:
     target: str  # the committed snapshot's name containerd waits for
     ref: Reference
     digest: str  # layer blob digest
     toc_digest: str | None
     manifest_digest: str | None
     image_layers: tuple[str, ...] = ()  # the image's other layers the labels name (opened ahead)
-
-
-def remote_request(labels: dict[str, str]) -> RemoteRequest | None:
-    """The lazy pull a Prepare's labels ask for, or None for an ordinary Prepare."""
-    target = labels.get(TARGET)
-    ref = labels.get(STARGZ_REFERENCE) or labels.get(CRI_REFERENCE)
-    digest = labels.get(STARGZ_DIGEST) or labels.get(CRI_DIGEST)
-    if not (target and ref and digest):
-        return None
-    try:
-        reference = Reference.parse(ref)
-    except ValueError:
-        return None
-    named = (labels.get(STARGZ_LAYERS) or labels.get(CRI_LAYERS) or "").split(",")
-    others = tuple(dict.fromkeys(d for d in named if _DIGEST.fullmatch(d) and d != digest))[:MAX_AHEAD]
-    return RemoteRequest(target, reference, digest, labels.get(TOC_DIGEST), labels.get(CRI_MANIFEST), others)
 
 
 def layer_name(digest: str) -> str:
@@ -128,6 +101,7 @@ class _Entry:
     name: str
     slot: int
     handle: LayerHandle
+    image: str  # the reference it was first pulled as
     refs: int = 0
 
 
@@ -198,7 +172,7 @@ class RemoteLayers:
 
     # --- lazy pulls ----------------------------------------------------------------------------
 
-    async def acquire(self, req: RemoteRequest, lower: list[str] | None = None) -> str:
+    async def acquire(self, req: LayerRequest, lower: list[str] | None = None) -> str:
         """Mount the layer (or take one more reference to it); its name. Raises Fallback. `lower` are
         the directories of the layers below, nearest first: directories this layer creates only
         implicitly take their attributes from there."""
@@ -243,7 +217,7 @@ class RemoteLayers:
             self.fs.release_layer(name)
             _remove_dir(self.dir / name)
 
-    def _open_ahead(self, req: RemoteRequest) -> None:
+    def _open_ahead(self, req: LayerRequest) -> None:
         """Start reading the TOCs of the image's other layers now: containerd prepares layers one
         after another, and each would otherwise wait for its own TOC's round trips and index build."""
         if self._nursery is None:
@@ -256,7 +230,7 @@ class RemoteLayers:
             other = dataclasses.replace(req, digest=digest, toc_digest=None, image_layers=())
             self._nursery.start_soon(self._read_ahead, other, name, ahead)
 
-    async def _read_ahead(self, req: RemoteRequest, name: str, ahead: _Ahead) -> None:
+    async def _read_ahead(self, req: LayerRequest, name: str, ahead: _Ahead) -> None:
         with trio.move_on_after(self.open_timeout):
             try:
                 ahead.result = await self._read_toc(req)
@@ -268,7 +242,7 @@ class RemoteLayers:
         if self._ahead.get(name) is ahead:
             del self._ahead[name]
 
-    async def _toc(self, req: RemoteRequest, name: str) -> _Toc:
+    async def _toc(self, req: LayerRequest, name: str) -> _Toc:
         """The layer's verified TOC: read ahead by an earlier Prepare of the same image, or now."""
         ahead = self._ahead.pop(name, None)
         if ahead is not None:
@@ -277,7 +251,7 @@ class RemoteLayers:
                 return ahead.result
         return await self._read_toc(req)
 
-    async def _read_toc(self, req: RemoteRequest) -> _Toc:
+    async def _read_toc(self, req: LayerRequest) -> _Toc:
         what = f"{req.ref} layer {req.digest}"
         try:
             desc = await self._descriptor(req)
@@ -297,7 +271,7 @@ class RemoteLayers:
             raise Fallback("registry", f"{what}: {e}") from None
         return _Toc(desc, expected, footer, toc, layer)
 
-    async def _open(self, req: RemoteRequest, name: str, lower: list[str]) -> _Entry:
+    async def _open(self, req: LayerRequest, name: str, lower: list[str]) -> _Entry:
         got = await self._toc(req, name)
         desc, expected, footer, toc, layer = got.desc, got.expected, got.footer, got.toc, got.layer
         inherited: dict[str, list[int]] = {}
@@ -325,7 +299,7 @@ class RemoteLayers:
         )
         return entry
 
-    async def _descriptor(self, req: RemoteRequest) -> dict:
+    async def _descriptor(self, req: LayerRequest) -> dict:
         """The layer's descriptor in its image manifest (size, annotations), the manifest cached."""
         key = f"{req.ref.name}@{req.manifest_digest}" if req.manifest_digest else str(req.ref)
         while key in self._manifest_loading:  # layers opened together share one manifest fetch
@@ -352,7 +326,7 @@ class RemoteLayers:
     def _store(
         self,
         name: str,
-        req: RemoteRequest,
+        req: LayerRequest,
         size: int,
         toc_digest: str,
         slot: int,
@@ -382,7 +356,7 @@ class RemoteLayers:
         handle = LayerHandle(layer, name, f"{ref} layer {name}", ref.host)
         self.fs.add_layer(name, slot, handle)
         self._max_slot = max(self._max_slot, slot)
-        entry = _Entry(name, slot, handle, refs)
+        entry = _Entry(name, slot, handle, str(ref), refs)
         self._layers[name] = entry
         return entry
 
@@ -405,7 +379,14 @@ class RemoteLayers:
 
     def stats(self) -> list[dict]:
         return [
-            {"name": e.name, "refs": e.refs, "fetched": e.handle.fetched_fraction()}
+            {
+                "name": e.name,
+                "image": e.image,
+                "refs": e.refs,
+                "fetched": e.handle.fetched_fraction(),
+                "bytes": sum(e.handle.layer.index.c_size),
+                "bytes_local": e.handle.local_bytes(),
+            }
             for e in self._layers.values()
         ]
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-from .jobs import STATES
+from snapshotter.convertd.jobs import STATES
 
 
 class Metrics:

@@ -19,56 +19,26 @@ command-line flags. Every key is optional; the defaults:
     background_rate = "0"                     # bytes/s for the background fetch; "0" = unlimited
     metrics_address = ""                      # host:port for Prometheus /metrics (loopback); "" = off
 
-An unknown key, a wrong type or a bad value stops the start with the file, line and key at fault.
+Sizes and durations follow `snapshotter.settings` (the grammar of every command: "4M" is 4,000,000
+bytes, "4MiB" 4,194,304; timeouts may also be written "500ms", "1m"). An unknown key, a wrong type or a
+bad value stops the start with the file, line and key at fault.
 """
 
 from __future__ import annotations
 
-import re
-import tomllib
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
-from .logs import FORMATS, LEVELS
+from snapshotter.errors import ConfigError
+from snapshotter.logs import FORMATS, LEVELS
+from snapshotter.settings import DEFAULT_CACHE_LIMIT, line_of, parse_duration, parse_size, read_toml
 
 DEFAULT_ROOT = "/var/lib/lazysnap"
 DEFAULT_ADDRESS = "/run/lazysnap/lazysnap.sock"
 DEFAULT_CONFIG = Path("/etc/lazysnap/config.toml")
 MAX_SOCKET_PATH = 107  # sun_path is 108 bytes with the terminating NUL
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B?)?\s*$", re.IGNORECASE)
-_UNITS = {
-    "": 1,
-    "B": 1,
-    "K": 1000,
-    "KB": 1000,
-    "KIB": 1 << 10,
-    "M": 1000**2,
-    "MB": 1000**2,
-    "MIB": 1 << 20,
-    "G": 1000**3,
-    "GB": 1000**3,
-    "GIB": 1 << 30,
-    "T": 1000**4,
-    "TB": 1000**4,
-    "TIB": 1 << 40,
-}
 SIZE_KEYS = {"cache_limit", "merge_cap", "read_ahead", "background_rate"}
-
-
-class ConfigError(ValueError):
-    """A bad configuration file or value; the message names the file, line and key."""
-
-
-def parse_size(value: str | int, key: str = "size") -> int:
-    """'20GiB', '512M', '1048576' or an integer -> bytes."""
-    if isinstance(value, int) and not isinstance(value, bool):
-        if value < 0:
-            raise ConfigError(f"{key} must not be negative")
-        return value
-    m = _SIZE.match(str(value))
-    if not m or m[2] is not None and m[2].upper() not in _UNITS:
-        raise ConfigError(f"{key} must be a size such as 512MiB or 20GiB, not {value!r}")
-    return int(float(m[1]) * _UNITS[(m[2] or "").upper()])
+DURATION_KEYS = {"read_timeout", "open_timeout"}
 
 
 @dataclass(frozen=True)
@@ -78,7 +48,7 @@ class Config:
     log_level: str = "info"
     log_format: str = "logfmt"
     cache_dir: str = ""
-    cache_limit: str = "20GiB"
+    cache_limit: str = DEFAULT_CACHE_LIMIT
     hosts_dir: str = "/etc/containerd/certs.d"
     docker_config: str = ""
     fetch_concurrency: int = 8
@@ -142,14 +112,6 @@ class Config:
                 raise ConfigError(f"{where}: metrics_address must be host:port, not {self.metrics_address!r}")
 
 
-def _line_of(text: str, key: str) -> int | None:
-    pattern = re.compile(rf"^\s*(?:{re.escape(key)}|\"{re.escape(key)}\"|'{re.escape(key)}')\s*[=.\]]")
-    for number, line in enumerate(text.splitlines(), 1):
-        if pattern.match(line) or line.strip() in (f"[{key}]", f"[[{key}]]"):
-            return number
-    return None
-
-
 def _type_ok(kind: type, value: object) -> bool:
     if kind is float:
         return isinstance(value, int | float) and not isinstance(value, bool)
@@ -160,25 +122,23 @@ def _type_ok(kind: type, value: object) -> bool:
 
 def load(path: Path) -> Config:
     """Read and validate a config file (keys not set keep their defaults)."""
-    try:
-        text = path.read_text()
-    except OSError as e:
-        raise ConfigError(f"cannot read config file {path}: {e.strerror}") from None
-    try:
-        data = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"config file {path}: invalid TOML: {e}") from None
+    text, data = read_toml(path)
     types = {f.name: f.type for f in fields(Config)}
     kinds = {"str": str, "int": int, "float": float, "bool": bool}
     values: dict[str, object] = {}
     for key, value in data.items():
-        line = _line_of(text, key)
+        line = line_of(text, None, None, key) or line_of(text, key, None, None)
         where = f"config file {path}" + (f", line {line}" if line else "")
         if key not in types:
             raise ConfigError(f"{where}: unknown key {key!r} (known keys: {', '.join(sorted(types))})")
         kind = kinds[types[key]]
         if key in SIZE_KEYS and isinstance(value, int) and not isinstance(value, bool):
             value = str(value)
+        if key in DURATION_KEYS and isinstance(value, str):
+            try:
+                value = parse_duration(value, key)
+            except ConfigError as e:
+                raise ConfigError(f"{where}: {e}") from None
         if not _type_ok(kind, value):
             expected = {"str": "a string", "int": "an integer", "float": "a number", "bool": "true or false"}
             raise ConfigError(

@@ -18,7 +18,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from .store import Kind
+from snapshotter.daemon.store import Kind
 
 OVERLAY_INDEX_PARAMETER = "/sys/module/overlay/parameters/index"
 

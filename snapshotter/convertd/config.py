@@ -1,6 +1,7 @@
 """convertd's configuration: the ``Config`` and ``RepositoryRule`` dataclasses, loading and checking the
 TOML file (every error names the file, the line and the reason), and the small parsers it uses (listen
-addresses, durations, sizes, repository globs). The file's format is described in ``snapshotter.convertd``.
+addresses, repository globs; sizes and durations are `snapshotter.settings`'s, as for every command). The
+file's format is described in ``snapshotter.convertd.service``.
 """
 
 from __future__ import annotations
@@ -8,26 +9,23 @@ from __future__ import annotations
 import functools
 import json
 import re
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fuse.formats.writer import DEFAULT_CHUNK_SIZE, ESTARGZ, FORMATS, WriteOptions, WriterError
+from fuse.formats.spec import ESTARGZ, FORMATS
 from fuse.registry import ManifestError, Platform, Reference, RegistryError
-
-from . import logs
-from .convert import SUFFIX
-from .jobs import RetryPolicy
+from snapshotter import logs
+from snapshotter.convert.image import SUFFIX
+from snapshotter.convert.writer import DEFAULT_CHUNK_SIZE, WriteOptions, WriterError
+from snapshotter.convertd.jobs import RetryPolicy
+from snapshotter.errors import ConfigError
+from snapshotter.settings import line_of, parse_duration, parse_size, read_toml
 
 DEFAULT_LISTEN = "127.0.0.1:8089"
 DEFAULT_STATE_DIR = "/var/lib/lazysnap/convertd"
 _SUFFIX = re.compile(r"^[A-Za-z0-9_.-]{1,64}\Z")
 _GLOB = re.compile(r"^[a-z0-9._/*?-]+\Z")
-
-
-class ConfigError(ValueError):
-    """A bad configuration file or value; the message names the file, the line and the reason."""
 
 
 @dataclass(frozen=True)
@@ -40,7 +38,7 @@ class RepositoryRule:
     level: int | None = None
     all_platforms: bool = False
     platform: str | None = None
-    workload: str | None = None  # a command: converted with snapshotter.optimize.optimize_image
+    workload: str | None = None  # a command: converted with snapshotter.convert.optimize.optimize_image
 
     def matches(self, repository: str) -> bool:
         return glob_regex(self.name).match(repository) is not None
@@ -115,61 +113,6 @@ def parse_listen(text: str) -> tuple[str, int]:
     return m[1], int(m[2])
 
 
-_DURATION = re.compile(r"^(\d+(?:\.\d+)?)\s*(ms|s|m|h)\Z")
-_SIZE = re.compile(r"^(\d+)\s*([kKmMgG]i?[bB]?)?\Z")
-
-
-def parse_duration(value: Any) -> float:
-    """Seconds: a number, or "500ms", "10s", "5m", "1h"."""
-    if isinstance(value, bool) or not isinstance(value, int | float | str):
-        raise ValueError('must be a number of seconds or a string such as "10s"')
-    if isinstance(value, str):
-        m = _DURATION.match(value.strip())
-        if not m:
-            raise ValueError(f'{value!r} is not a duration (e.g. 30, "500ms", "10s", "5m", "1h")')
-        value = float(m[1]) * {"ms": 0.001, "s": 1, "m": 60, "h": 3600}[m[2]]
-    if value < 0:
-        raise ValueError("must not be negative")
-    return float(value)
-
-
-def parse_size(value: Any) -> int:
-    """Bytes: an integer, or "64k", "4M", "4MiB"."""
-    if isinstance(value, bool) or not isinstance(value, int | str):
-        raise ValueError('must be a number of bytes or a string such as "4MiB"')
-    if isinstance(value, int):
-        return value
-    m = _SIZE.match(value.strip())
-    if not m:
-        raise ValueError(f'{value!r} is not a size (bytes, or with K/M/G, e.g. "4MiB")')
-    return int(m[1]) * {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}[(m[2] or "").upper()[:1]]
-
-
-def _line_of(text: str, table: str | None, index: int | None, key: str | None) -> int | None:
-    """The line of `key` in the top level (table None), in [table], or in the index-th [[table]]; with
-    key None, the table's header line."""
-    current: tuple[str | None, int | None] = (None, None)
-    seen: dict[str, int] = {}
-    key_re = (
-        re.compile(rf"^\s*(?:{re.escape(key)}|\"{re.escape(key)}\"|'{re.escape(key)}')\s*=") if key else None
-    )
-    for number, line in enumerate(text.splitlines(), 1):
-        stripped = line.strip()
-        if m := re.match(r"^\[\[\s*([^\]]+?)\s*\]\]", stripped):
-            name = m[1].strip("\"'")
-            current = (name, seen.get(name, 0))
-            seen[name] = seen.get(name, 0) + 1
-            if key is None and current == (table, index):
-                return number
-        elif m := re.match(r"^\[\s*([^\]]+?)\s*\]", stripped):
-            current = (m[1].strip("\"'"), None)
-            if key is None and current == (table, index):
-                return number
-        elif key_re and current == (table, index) and key_re.match(line):
-            return number
-    return None
-
-
 class _Loader:
     def __init__(self, path: Path, text: str):
         self.path, self.text = path, text
@@ -177,11 +120,11 @@ class _Loader:
     def error(
         self, reason: str, key: str | None, table: str | None = None, index: int | None = None
     ) -> ConfigError:
-        line = _line_of(self.text, table, index, key)
+        line = line_of(self.text, table, index, key)
         if line is None and key is not None and table is not None:
-            line = _line_of(self.text, table, index, None)
+            line = line_of(self.text, table, index, None)
         if line is None and table is not None:
-            line = _line_of(self.text, None, None, table)  # an inline table
+            line = line_of(self.text, None, None, table)  # an inline table
         where = f"config file {self.path}" + (f", line {line}" if line else "")
         name = ".".join(p for p in (table, f"[{index}]" if index is not None else None, key) if p)
         return ConfigError(f"{where}: {name.replace('.[', '[')}: {reason}")
@@ -231,14 +174,7 @@ def _typed(
 
 def load_config(path: Path) -> Config:
     """Read and validate a convertd config file; raises ConfigError naming the line and reason."""
-    try:
-        text = path.read_text()
-    except (OSError, UnicodeDecodeError) as e:
-        raise ConfigError(f"cannot read config file {path}: {getattr(e, 'strerror', None) or e}") from None
-    try:
-        data = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"config file {path}: invalid TOML: {e}") from None
+    text, data = read_toml(path)
     return _parse(_Loader(path, text), data)
 
 

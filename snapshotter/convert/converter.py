@@ -3,7 +3,7 @@ zstd:chunked), registry to registry.
 
 For each layer of each selected platform: stream-download the blob to a temporary file (verified
 against its digest), decompress it (gzip, zstd or none, by media type) into the layer writer
-(`fuse.formats.writer`, all cores), check that the decompressed tar has the DiffID the image config
+(`snapshotter.convert.writer`, all cores), check that the decompressed tar has the DiffID the image config
 promises, upload the new blob in bounded chunks (skipped when the repository already has it, mounted when
 another repository of the same registry has it), and build a new config (the original, with the new
 DiffIDs; history kept) and an OCI manifest whose layers carry the annotations readers expect. A
@@ -14,18 +14,16 @@ Layers already in the requested format are kept as they are (unless files are pr
 are not distributable (foreign) are kept too. Layers are downloaded and uploaded concurrently; one is
 converted at a time, since the writer uses every core.
 
-Sources and destinations are registries; OCI layout directories are not supported yet.
+Sources and destinations are registries; OCI layout directories are not supported yet. The command line
+is `snapshotter.convert.cli`; which layers count as accelerated already, `snapshotter.convert.image`.
 """
 
 from __future__ import annotations
 
-import argparse
 import functools
 import gzip
 import hashlib
 import json
-import re
-import sys
 import tempfile
 import time
 import zlib
@@ -37,23 +35,8 @@ from typing import IO
 import trio
 import zstandard
 
-from fuse.formats.write_tar import TarFormatError
-from fuse.formats.writer import (
-    DEFAULT_CHUNK_SIZE,
-    ESTARGZ,
-    FORMAT_ANNOTATIONS,
-    FORMATS,
-    TOC_DIGEST,
-    ZC_MANIFEST_CHECKSUM,
-    ZSTD_CHUNKED,
-    LayerResult,
-    WriteOptions,
-    WriterError,
-    write_layer,
-)
+from fuse.formats.spec import ESTARGZ, FORMAT_ANNOTATIONS
 from fuse.registry import (
-    CredentialStore,
-    HostsConfig,
     ManifestError,
     NotFound,
     Platform,
@@ -63,25 +46,25 @@ from fuse.registry import (
     Unauthorized,
 )
 from fuse.registry import manifests as mf
-
-SUFFIX = "_accelerated"
-OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
-DOCKER_CONFIG = "application/vnd.docker.container.image.v1+json"
-IMAGE_CONFIGS = (OCI_CONFIG, DOCKER_CONFIG)
-COMPRESSION_OF = {
-    "application/vnd.oci.image.layer.v1.tar": "none",
-    "application/vnd.oci.image.layer.v1.tar+gzip": "gzip",
-    "application/vnd.oci.image.layer.v1.tar+zstd": "zstd",
-    "application/vnd.docker.image.rootfs.diff.tar": "none",
-    "application/vnd.docker.image.rootfs.diff.tar.gzip": "gzip",
-}
-FOREIGN = (
-    "application/vnd.oci.image.layer.nondistributable.v1.tar",
-    "application/vnd.oci.image.layer.nondistributable.v1.tar+gzip",
-    "application/vnd.oci.image.layer.nondistributable.v1.tar+zstd",
-    "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip",
+from snapshotter.convert.image import (
+    ATTESTATION,
+    COMPRESSION_OF,
+    FOREIGN,
+    IMAGE_CONFIGS,
+    OCI_CONFIG,
+    SUFFIX,
+    accelerated_format,
 )
-ATTESTATION = Platform("unknown", "unknown")
+from snapshotter.convert.tar import TarFormatError
+from snapshotter.convert.writer import (
+    DEFAULT_CHUNK_SIZE,
+    LayerResult,
+    WriteOptions,
+    WriterError,
+    write_layer,
+)
+from snapshotter.progress import Progress
+
 READ_SIZE = 1 << 20
 PARALLEL_TRANSFERS = 3  # layers downloaded or uploaded at once
 
@@ -210,10 +193,16 @@ def open_decompressed(f: IO[bytes], compression: str) -> IO[bytes] | _GzipStream
     return f
 
 
-def _convert_file(src: Path, compression: str, dst: Path, options: WriteOptions) -> LayerResult:
+def _convert_file(
+    src: Path, compression: str, dst: Path, options: WriteOptions, progress: Progress, task: str
+) -> LayerResult:
     with open(src, "rb") as raw, open(dst, "wb") as out:
         try:
-            return write_layer(open_decompressed(raw, compression), out, options)
+            return write_layer(
+                open_decompressed(progress.reader(task, raw), compression),
+                progress.writer(task, out),
+                options,
+            )
         except (zlib.error, zstandard.ZstdError, EOFError, gzip.BadGzipFile) as e:
             raise TarFormatError(f"the layer does not decompress as {compression}: {e}") from e
 
@@ -238,6 +227,7 @@ class _Converter:
         options: WriteOptions,
         work: Path,
         log: Callable[[str], None],
+        progress: Progress | None = None,
     ):
         self.client, self.src, self.dst, self.options, self.work, self.log = (
             client,
@@ -247,6 +237,7 @@ class _Converter:
             work,
             log,
         )
+        self.progress = progress or Progress(mode="off")
         self.transfers = trio.CapacityLimiter(PARALLEL_TRANSFERS)
         self.cpu = trio.CapacityLimiter(1)
         self.jobs: dict[str, _Job] = {}
@@ -330,7 +321,7 @@ class _Converter:
         if media_type in FOREIGN:  # fetched from its URLs, never from the registry
             self.log(f"{where}: kept as it is (a non-distributable layer)")
             return dict(desc), LayerReport(i, digest, size, digest, media_type, size, diff_id, "kept")
-        if self._already(media_type, annotations) and not self.options.prioritized:
+        if accelerated_format(desc) == self.options.format and not self.options.prioritized:
             await self._ensure_blob(digest, size, where)
             self.log(f"{where}: kept as it is (already {self.options.format})")
             return dict(desc), LayerReport(i, digest, size, digest, media_type, size, diff_id, "kept")
@@ -346,9 +337,12 @@ class _Converter:
             async with self.transfers:
                 await self.client.download_blob(self.src, digest, src_path, size=size or None)
             started = time.monotonic()
+            self.progress.start(digest, size or None, f"layer {i + 1}/{count} {digest[:19]}")
             try:
                 result = await trio.to_thread.run_sync(
-                    functools.partial(_convert_file, src_path, compression, out_path, self.options),
+                    functools.partial(
+                        _convert_file, src_path, compression, out_path, self.options, self.progress, digest
+                    ),
                     limiter=self.cpu,
                 )
             except (TarFormatError, WriterError) as e:
@@ -375,6 +369,7 @@ class _Converter:
             "annotations": {**kept_annotations, **result.annotations},
         }
         rate = result.input_size / seconds / 1e6 if seconds > 0 else 0.0
+        self.progress.finish(digest)
         self.log(
             f"{where}: {result.input_size / 1e6:.1f} MB tar -> {result.size / 1e6:.1f} MB {result.format} "
             f"in {seconds:.1f}s ({rate:.0f} MB/s)"
@@ -398,14 +393,6 @@ class _Converter:
             result.prioritized_missing,
         )
         return descriptor, report
-
-    def _already(self, media_type: str, annotations: dict) -> bool:
-        fmt = self.options.format
-        if fmt == ESTARGZ:
-            return COMPRESSION_OF.get(media_type) == "gzip" and TOC_DIGEST in annotations
-        if fmt == ZSTD_CHUNKED:
-            return COMPRESSION_OF.get(media_type) == "zstd" and ZC_MANIFEST_CHECKSUM in annotations
-        return COMPRESSION_OF.get(media_type) == "zstd" and TOC_DIGEST in annotations
 
     async def _ensure_blob(self, digest: str, size: int, where: str) -> None:
         """Make a kept layer available in DST: already there, mounted, or copied through a temp file."""
@@ -436,6 +423,7 @@ async def convert_image(
     threads: int = 0,
     tmpdir: Path | None = None,
     log: Callable[[str], None] | None = None,
+    progress: Progress | None = None,
 ) -> ConvertResult:
     """Convert the image SRC into FORMAT and push it as DST (default: SRC's tag + `_accelerated`).
 
@@ -478,7 +466,9 @@ async def convert_image(
     except ManifestError as e:
         raise ConvertError(f"{src_ref} is not an image this converter handles: {e}") from e
     with tempfile.TemporaryDirectory(prefix="lazysnap-convert-", dir=tmpdir) as work:
-        conv = _Converter(client, src_ref, dst_ref, replace(options, spool_dir=work), Path(work), log)
+        conv = _Converter(
+            client, src_ref, dst_ref, replace(options, spool_dir=work), Path(work), log, progress
+        )
         try:
             if kind in mf.INDEXES:
                 result = await _convert_index(conv, doc, top_digest, want, all_platforms)
@@ -545,121 +535,3 @@ def _sha(data: bytes) -> str:
 def _first(group: BaseExceptionGroup) -> BaseException:
     first = group.exceptions[0]
     return _first(first) if isinstance(first, BaseExceptionGroup) else first
-
-
-# --- command line ---------------------------------------------------------------------------------------
-
-_SIZE = re.compile(r"^(\d+)\s*([kKmMgG]i?[bB]?)?$")
-
-
-def parse_size(text: str) -> int:
-    """ "4194304", "4M", "4MiB", "64k" -> bytes."""
-    m = _SIZE.match(text.strip())
-    if not m:
-        raise argparse.ArgumentTypeError(f"not a size: {text!r} (bytes, or with K/M/G)")
-    unit = (m[2] or "").upper()[:1]
-    return int(m[1]) * {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}[unit]
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The arguments of `lazysnap convert`."""
-    from .optimize import DEFAULT_TIMEOUT  # optimize imports this module
-
-    parser.add_argument("src", metavar="SRC", help="image to convert, e.g. registry.example.com/app:1.0")
-    parser.add_argument(
-        "dst", metavar="DST", nargs="?", help=f"where to push it (default: SRC's tag + {SUFFIX})"
-    )
-    parser.add_argument("--format", choices=FORMATS, default=ESTARGZ, help="layer format (default: estargz)")
-    parser.add_argument(
-        "--chunk-size",
-        type=parse_size,
-        default=DEFAULT_CHUNK_SIZE,
-        metavar="BYTES",
-        help="files larger than this are split into chunks of this size (default: 4MiB)",
-    )
-    prio = parser.add_mutually_exclusive_group()
-    prio.add_argument(
-        "--prioritize",
-        nargs="+",
-        action="extend",
-        metavar="PATH",
-        help="files to put first in their layer (prefetched at mount time), in this order",
-    )
-    prio.add_argument(
-        "--prioritize-from",
-        type=Path,
-        metavar="FILE",
-        help="read the prioritized files from FILE (one path a line, or ctr-remote's JSON records)",
-    )
-    prio.add_argument(
-        "--optimize",
-        action="store_true",
-        help="prioritize the files that the --run command opens in the image, mounted lazily (needs root)",
-    )
-    parser.add_argument(
-        "--run",
-        metavar="COMMAND",
-        help="with --optimize: the workload, run with /bin/sh -c in a chroot of the image until it exits",
-    )
-    parser.add_argument(
-        "--optimize-timeout",
-        type=float,
-        default=DEFAULT_TIMEOUT,
-        metavar="SECONDS",
-        help=f"with --optimize: stop the workload after this long (default: {DEFAULT_TIMEOUT:g})",
-    )
-    parser.add_argument(
-        "--level", type=int, metavar="N", help="compression level (gzip 1-9, default 6; zstd 1-22, default 3)"
-    )
-    plat = parser.add_mutually_exclusive_group()
-    plat.add_argument("--platform", metavar="P", help="platform to convert from an index, e.g. linux/arm64")
-    plat.add_argument("--all-platforms", action="store_true", help="convert every platform of an index")
-    parser.add_argument(
-        "--hosts-dir", type=Path, metavar="DIR", help="containerd hosts directory (certs.d layout)"
-    )
-    parser.add_argument(
-        "--docker-config", type=Path, metavar="FILE", help="docker config.json with credentials"
-    )
-    parser.add_argument("--tmpdir", type=Path, metavar="DIR", help="where to keep layers while converting")
-    parser.add_argument(
-        "--threads", type=int, default=0, metavar="N", help="compression threads (default: cores)"
-    )
-
-
-async def run(args: argparse.Namespace) -> int:
-    """`lazysnap convert`: 0 on success, 1 on failure (the error on stderr)."""
-    prioritize: Sequence[str] | Path | None = args.prioritize_from or args.prioritize
-    if bool(args.optimize) != bool(args.run):
-        print("lazysnap convert: --optimize and --run COMMAND go together", file=sys.stderr)
-        return 2
-    hosts = HostsConfig(args.hosts_dir) if args.hosts_dir else HostsConfig(None)
-    credentials = CredentialStore(args.docker_config) if args.docker_config else CredentialStore()
-    options = dict(
-        format=args.format,
-        chunk_size=args.chunk_size,
-        level=args.level,
-        platform=args.platform,
-        all_platforms=args.all_platforms,
-        threads=args.threads,
-        tmpdir=args.tmpdir,
-        log=lambda msg: print(msg, flush=True),
-    )
-    try:
-        async with RegistryClient(hosts=hosts, credentials=credentials) as client:
-            if args.optimize:
-                from .optimize import optimize_image
-
-                result = await optimize_image(
-                    client, args.src, args.dst, args.run, timeout=args.optimize_timeout, **options
-                )
-            else:
-                result = await convert_image(client, args.src, args.dst, prioritize=prioritize, **options)
-    except (ConvertError, RegistryError) as e:
-        print(f"lazysnap convert: {e}", file=sys.stderr)
-        return 1
-    converted = [layer for layer in result.layers if layer.action == "converted"]
-    print(
-        f"pushed {result.destination}@{result.digest} ({len(result.manifests)} manifest(s), "
-        f"{len(converted)} layer(s) converted, {result.seconds:.1f}s)"
-    )
-    return 0

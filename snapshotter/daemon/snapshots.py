@@ -21,19 +21,17 @@ import logging
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Protocol
 
-from . import failpoints
-from .errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
-from .filters import FilterSet
-from .layout import TRASH_PREFIX, Layout, remove_tree
-from .overlay import Mount, snapshot_mounts, supports_index_off
-from .store import Kind, Layer, Record, Store
-
-if TYPE_CHECKING:
-    from .lazy import RemoteBridge
-from .remote import RemoteRequest, remote_request
-from .usage import Usage, disk_usage
+from fuse.layers import LayerRequest
+from snapshotter import failpoints
+from snapshotter.daemon.filters import FilterSet
+from snapshotter.daemon.labels import layer_request
+from snapshotter.daemon.layout import TRASH_PREFIX, Layout, remove_tree
+from snapshotter.daemon.overlay import Mount, snapshot_mounts, supports_index_off
+from snapshotter.daemon.store import Kind, Layer, Record, Store
+from snapshotter.daemon.usage import Usage, disk_usage
+from snapshotter.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 
 log = logging.getLogger("lazysnap.snapshots")
 REMOTE = "remote:"  # backend of a snapshot served from a layer in the FUSE mount: "remote:<layer name>"
@@ -103,15 +101,29 @@ def _candidates(filters: FilterSet) -> list[tuple[str, str, str]] | None:
     return out
 
 
-class Snapshotter:
-    """All snapshot operations; safe to call from many threads at once."""
+class RemoteLayerSource(Protocol):
+    """Where remote snapshots' layers come from (the daemon's lazy data path, `lazy.RemoteBridge`):
+    called from gRPC threads."""
 
-    def __init__(self, root: Path, *, index_off: bool | None = None):
+    def acquire(self, req: LayerRequest, lower: list[str]) -> str | None:
+        """The layer's name once mounted, or None: pull it in full instead."""
+
+    def release(self, name: str) -> None: ...
+
+    def path(self, name: str) -> str:
+        """The layer's directory (an overlayfs lower dir)."""
+
+
+class Snapshotter:
+    """All snapshot operations; safe to call from many threads at once. With `remote` None, lazy pulls
+    are off: every Prepare is an ordinary one."""
+
+    def __init__(self, root: Path, *, index_off: bool | None = None, remote: RemoteLayerSource | None = None):
         self.layout = Layout(root)
         self.layout.ensure()
         self.store = Store(self.layout.db)
         self.index_off = supports_index_off() if index_off is None else index_off
-        self.remote: RemoteBridge | None = None  # set by the daemon once its FUSE mount is up
+        self.remote = remote
 
     def close(self) -> None:
         """Close the store; idempotent."""
@@ -149,12 +161,12 @@ class Snapshotter:
 
     def prepare(self, key: str, parent: str = "", labels: Mapping[str, str] | None = None) -> list[Mount]:
         labels = labels or {}
-        req = remote_request(dict(labels)) if self.remote is not None else None
+        req = layer_request(dict(labels)) if self.remote is not None else None
         if req is not None:
             self._claim_remote(key, parent, labels, req)  # AlreadyExists when claimed
         return self._create(Kind.ACTIVE, key, parent, labels)
 
-    def _claim_remote(self, key: str, parent: str, labels: Mapping[str, str], req: RemoteRequest) -> None:
+    def _claim_remote(self, key: str, parent: str, labels: Mapping[str, str], req: LayerRequest) -> None:
         """A lazy pull: mount the layer, record the committed target snapshot, answer AlreadyExists (so
         containerd does not download it). Returns only when the layer is not lazily loadable: then the
         Prepare goes on as for a full pull."""

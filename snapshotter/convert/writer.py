@@ -1,7 +1,8 @@
 """Layer writers: turn an uncompressed tar stream into a seekable layer blob (eStargz, stargz's zstd
 variant, or containers/storage zstd:chunked), with its TOC, footer, DiffID and manifest annotations.
 
-Byte layouts are those of /work/shared/reference/formats.md; TOC JSON fields, their order and omission
+Byte layouts are those of shared/reference/formats.md, and every format fact (names, magics, footer
+sizes, annotation keys, landmarks) comes from `fuse.formats.spec`; TOC JSON fields, their order and omission
 rules are those of stargz-snapshotter's estargz package (eStargz and its zstd variant) and of
 containers/storage's pkg/chunked (zstd:chunked), so their readers, and ours, read what this writes.
 
@@ -48,7 +49,30 @@ from typing import Protocol
 
 import zstandard
 
-from .write_tar import (
+from fuse.formats.spec import (
+    CHUNKED_CHECKSUM,
+    CHUNKED_MAGIC,
+    CHUNKED_POSITION,
+    CHUNKED_TARSPLIT,
+    ESTARGZ,
+    ESTARGZ_ZSTD,
+    FORMATS,
+    LANDMARK_CONTENTS,
+    LEGACY_CHUNKED_CHECKSUM,
+    LEGACY_CHUNKED_POSITION,
+    MANIFEST_TYPE_CRFS,
+    MEDIA_TYPES,
+    NO_PREFETCH_LANDMARK,
+    PREFETCH_LANDMARK,
+    RESERVED_NAMES,
+    SKIPPABLE_MAGIC,
+    STARGZ_ZSTD_MAGIC,
+    TOC_DIGEST,
+    TOC_NAME,
+    UNCOMPRESSED_SIZE,
+    ZSTD_CHUNKED,
+)
+from snapshotter.convert.tar import (
     BLOCK,
     Readable,
     Source,
@@ -58,16 +82,7 @@ from .write_tar import (
     clean_name,
     ustar_header,
 )
-from .write_tarsplit import Crc64Iso, TarSplitWriter
-
-ESTARGZ = "estargz"
-ESTARGZ_ZSTD = "estargz-zstd"
-ZSTD_CHUNKED = "zstd-chunked"
-FORMATS = (ESTARGZ, ESTARGZ_ZSTD, ZSTD_CHUNKED)
-
-MEDIA_TYPE_GZIP = "application/vnd.oci.image.layer.v1.tar+gzip"
-MEDIA_TYPE_ZSTD = "application/vnd.oci.image.layer.v1.tar+zstd"
-MEDIA_TYPES = {ESTARGZ: MEDIA_TYPE_GZIP, ESTARGZ_ZSTD: MEDIA_TYPE_ZSTD, ZSTD_CHUNKED: MEDIA_TYPE_ZSTD}
+from snapshotter.convert.tarsplit import Crc64Iso, TarSplitWriter
 
 DEFAULT_CHUNK_SIZE = 4 << 20
 MIN_CHUNK_SIZE = 4 << 10
@@ -75,39 +90,6 @@ MAX_CHUNK_SIZE = 256 << 20
 DEFAULT_LEVELS = {ESTARGZ: 6, ESTARGZ_ZSTD: 3, ZSTD_CHUNKED: 3}
 LEVEL_RANGES = {ESTARGZ: (1, 9), ESTARGZ_ZSTD: (1, 22), ZSTD_CHUNKED: (1, 22)}
 ZERO_RUN = 64 << 10  # zstd:chunked: a run of zeros at least this long is its own "zeros" chunk
-
-TOC_NAME = "stargz.index.json"
-PREFETCH_LANDMARK = ".prefetch.landmark"
-NO_PREFETCH_LANDMARK = ".no.prefetch.landmark"
-LANDMARK_CONTENTS = b"\x0f"
-RESERVED_NAMES = frozenset({TOC_NAME, PREFETCH_LANDMARK, NO_PREFETCH_LANDMARK})
-
-ESTARGZ_FOOTER_SIZE = 51
-ZSTD_SKIPPABLE_MAGIC = b"\x50\x2a\x4d\x18"
-ESTARGZ_ZSTD_MAGIC = b"GnUlInUx"  # 47 6e 55 6c 49 6e 55 78
-ZSTD_CHUNKED_MAGIC = b"GNUlInUx"  # 47 4e 55 6c 49 6e 55 78
-MANIFEST_TYPE_CRFS = 1
-
-# Layer annotations.
-TOC_DIGEST = "containerd.io/snapshot/stargz/toc.digest"
-UNCOMPRESSED_SIZE = "io.containers.estargz.uncompressed-size"
-ZC_MANIFEST_CHECKSUM = "io.github.containers.zstd-chunked.manifest-checksum"
-ZC_MANIFEST_POSITION = "io.github.containers.zstd-chunked.manifest-position"
-ZC_TARSPLIT_POSITION = "io.github.containers.zstd-chunked.tarsplit-position"
-OLD_ZC_MANIFEST_CHECKSUM = "io.containers.zstd-chunked.manifest-checksum"
-OLD_ZC_MANIFEST_POSITION = "io.containers.zstd-chunked.manifest-position"
-FORMAT_ANNOTATIONS = frozenset(
-    {
-        TOC_DIGEST,
-        UNCOMPRESSED_SIZE,
-        ZC_MANIFEST_CHECKSUM,
-        ZC_MANIFEST_POSITION,
-        ZC_TARSPLIT_POSITION,
-        OLD_ZC_MANIFEST_CHECKSUM,
-        OLD_ZC_MANIFEST_POSITION,
-        "io.github.containers.zstd-chunked.tarsplit-checksum",
-    }
-)
 
 UNIT_CAP = 1 << 20  # a run of headers longer than this continues in a new unit
 BATCH_BYTES = 1 << 20  # small units are compressed in batches of about this size...
@@ -366,12 +348,15 @@ def _estargz_reg(e: TarEntry, chunks: list[_Chunk], file_digest: str, chunk_size
 
 
 def _estargz_other(e: TarEntry) -> dict:
-    d = _estargz_entry(e)
-    if e.kind in ("char", "block"):
-        if e.devmajor:
-            d["devMajor"] = e.devmajor
-        if e.devminor:
-            d["devMinor"] = e.devminor
+    return _devices_and_xattrs(_estargz_entry(e), e, devices=e.kind in ("char", "block"))
+
+
+def _devices_and_xattrs(d: dict, e: TarEntry, *, devices: bool = True) -> dict:
+    """d with the entry's device numbers (when `devices` and not zero) and extended attributes."""
+    if devices and e.devmajor:
+        d["devMajor"] = e.devmajor
+    if devices and e.devminor:
+        d["devMinor"] = e.devminor
     if e.xattrs:
         d["xattrs"] = _xattrs(e)
     return d
@@ -390,12 +375,7 @@ def _zstd_chunked_entry(e: TarEntry, chunks: list[_Chunk], file_digest: str, end
     for key, ns in (("accesstime", e.atime_ns), ("changetime", e.ctime_ns)):
         if ns is not None and (text := _rfc3339(ns, nanos=True)):
             d[key] = text
-    if e.devmajor:
-        d["devMajor"] = e.devmajor
-    if e.devminor:
-        d["devMinor"] = e.devminor
-    if e.xattrs:
-        d["xattrs"] = _xattrs(e)
+    _devices_and_xattrs(d, e)
     if not chunks:
         return [d]
     d["digest"] = file_digest
@@ -573,8 +553,8 @@ class _LayerWriter:
             {
                 TOC_DIGEST: toc_digest,
                 UNCOMPRESSED_SIZE: str(units.uncompressed),
-                OLD_ZC_MANIFEST_CHECKSUM: "sha256:" + hashlib.sha256(compressed).hexdigest(),
-                OLD_ZC_MANIFEST_POSITION: position,
+                LEGACY_CHUNKED_CHECKSUM: "sha256:" + hashlib.sha256(compressed).hexdigest(),
+                LEGACY_CHUNKED_POSITION: position,
             },
         )
 
@@ -590,7 +570,7 @@ class _LayerWriter:
             raise WriterError("the TOC or tar-split of this layer exceeds 4 GiB, the limit of a zstd frame")
         units.write_raw(skippable_frame(compressed))
         split_offset = units.written + 8
-        units.write_raw(ZSTD_SKIPPABLE_MAGIC + struct.pack("<I", split_len))
+        units.write_raw(SKIPPABLE_MAGIC + struct.pack("<I", split_len))
         while block := spool.read(1 << 20):
             units.write_raw(block)
         split_ulen = self.tar_split.uncompressed_size
@@ -601,11 +581,11 @@ class _LayerWriter:
         toc_digest = "sha256:" + hashlib.sha256(compressed).hexdigest()
         position = f"{toc_offset}:{len(compressed)}:{len(toc_json)}:{MANIFEST_TYPE_CRFS}"
         annotations = {
-            ZC_MANIFEST_CHECKSUM: toc_digest,
-            ZC_MANIFEST_POSITION: position,
-            ZC_TARSPLIT_POSITION: f"{split_offset}:{split_len}:{split_ulen}",
-            OLD_ZC_MANIFEST_CHECKSUM: toc_digest,
-            OLD_ZC_MANIFEST_POSITION: position,
+            CHUNKED_CHECKSUM: toc_digest,
+            CHUNKED_POSITION: position,
+            CHUNKED_TARSPLIT: f"{split_offset}:{split_len}:{split_ulen}",
+            LEGACY_CHUNKED_CHECKSUM: toc_digest,
+            LEGACY_CHUNKED_POSITION: position,
             UNCOMPRESSED_SIZE: str(units.uncompressed),
         }
         return toc_digest, toc_offset, annotations
@@ -629,7 +609,7 @@ def estargz_footer(toc_offset: int) -> bytes:
 
 def estargz_zstd_footer(toc_offset: int, compressed: int, uncompressed: int) -> bytes:
     """stargz's 40-byte zstd footer (the payload of the last skippable frame)."""
-    return struct.pack("<QQQQ", toc_offset, compressed, uncompressed, MANIFEST_TYPE_CRFS) + ESTARGZ_ZSTD_MAGIC
+    return struct.pack("<QQQQ", toc_offset, compressed, uncompressed, MANIFEST_TYPE_CRFS) + STARGZ_ZSTD_MAGIC
 
 
 def zstd_chunked_footer(
@@ -640,12 +620,12 @@ def zstd_chunked_footer(
         struct.pack(
             "<QQQQQQQ", toc_offset, toc_len, toc_ulen, MANIFEST_TYPE_CRFS, split_offset, split_len, split_ulen
         )
-        + ZSTD_CHUNKED_MAGIC
+        + CHUNKED_MAGIC
     )
 
 
 def skippable_frame(data: bytes) -> bytes:
-    return ZSTD_SKIPPABLE_MAGIC + struct.pack("<I", len(data)) + data
+    return SKIPPABLE_MAGIC + struct.pack("<I", len(data)) + data
 
 
 # --- ordering -------------------------------------------------------------------------------------------

@@ -4,8 +4,8 @@ notifications.
 A registry (CNCF distribution and compatible ones) POSTs notification envelopes
 (``application/vnd.docker.distribution.events.v1+json``, ``{"events": [...]}``) to ``/events``. For each
 ``push`` of a *tagged* image manifest or index in a repository that a ``[[repositories]]`` rule enables,
-convertd commits a job to its persistent queue (``snapshotter.jobs``, SQLite WAL in the state dir) and
-only then answers 200; workers convert in the background with ``snapshotter.convert.convert_image`` and
+convertd commits a job to its persistent queue (``convertd.jobs``, SQLite WAL in the state dir) and
+only then answers 200; workers convert in the background with ``convert.converter.convert_image`` and
 push ``<tag><suffix>`` (``_accelerated``) to the same repository. The original is never touched.
 
 No loops: tags ending in the suffix are never converted, nor manifests whose layers all carry TOC
@@ -16,7 +16,7 @@ reason, in ``/jobs``. Anything that cannot be converted (artifacts, blobs, delet
 actions) is answered 200 so the registry does not re-send it forever.
 
 HTTP (hypercorn on trio behind a per-peer connection gate; bounded head and body sizes, timeouts: see
-``convertd_http``). It listens on loopback unless ``listen`` says otherwise:
+``convertd.server``). It listens on loopback unless ``listen`` says otherwise:
 
     POST /events    the registry's notifications; 401 without the shared secret (when configured)
     GET  /jobs      JSON: recent jobs with state, reason, attempts (?state=failed&limit=N); it names
@@ -57,9 +57,11 @@ Test hooks (``LAZYSNAP_FAILPOINTS``, see ``snapshotter.failpoints``): ``convertd
 touches the registry (run in a thread: ``sleep`` does not block the server), ``convertd.layer-done``
 after each layer the converter finishes (``kill`` or ``error`` only).
 
-This module is the service (routes, workers, start and stop) and the command line; the rest lives in
-``convertd_config`` (the configuration file), ``convertd_events`` (classifying notification events),
-``convertd_http`` (the HTTP server) and ``convertd_metrics`` (the Prometheus metrics).
+This module is the service (routes, workers, start and stop) and the command line; the rest of the
+package: ``config`` (the configuration file; sizes and durations as ``snapshotter.settings`` reads them),
+``events`` (classifying notification events), ``server`` (the HTTP server), ``jobs`` (the queue) and
+``metrics`` (the Prometheus metrics). Whether an image is accelerated already is
+``snapshotter.convert.image``'s one rule.
 """
 
 from __future__ import annotations
@@ -84,9 +86,7 @@ from typing import Any, TypeVar
 import trio
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from fuse.formats.annotations import expected_toc_digest
-from fuse.formats.write_tar import TarFormatError
-from fuse.formats.writer import DEFAULT_CHUNK_SIZE, ESTARGZ, WriterError
+from fuse.formats.spec import ESTARGZ
 from fuse.registry import (
     CredentialStore,
     HostsConfig,
@@ -97,15 +97,25 @@ from fuse.registry import (
     RegistryError,
 )
 from fuse.registry import manifests as mf
-
-from . import failpoints, logs
-from .convert import ATTESTATION, FOREIGN, IMAGE_CONFIGS, ConvertError, convert_image
-from .convertd_config import DEFAULT_LISTEN, DEFAULT_STATE_DIR, Config, ConfigError, load_config, parse_listen
-from .convertd_events import EVENTS_MEDIA_TYPE, Ignored, classify, event_fields
-from .convertd_http import HttpServer, Limits, Request, Response, error_response, json_response
-from .convertd_metrics import Metrics
-from .jobs import STATES, Job, JobStore, Push, QueueError, Tag
-from .optimize import optimize_image
+from snapshotter import failpoints, logs
+from snapshotter.convert.converter import ConvertError, convert_image
+from snapshotter.convert.image import ATTESTATION, FOREIGN, IMAGE_CONFIGS, all_accelerated
+from snapshotter.convert.optimize import optimize_image
+from snapshotter.convert.tar import TarFormatError
+from snapshotter.convert.writer import DEFAULT_CHUNK_SIZE, WriterError
+from snapshotter.convertd.config import (
+    DEFAULT_LISTEN,
+    DEFAULT_STATE_DIR,
+    Config,
+    ConfigError,
+    load_config,
+    parse_listen,
+)
+from snapshotter.convertd.events import EVENTS_MEDIA_TYPE, Ignored, classify, event_fields
+from snapshotter.convertd.jobs import STATES, Job, JobStore, Push, QueueError, Tag
+from snapshotter.convertd.metrics import Metrics
+from snapshotter.convertd.server import HttpServer, Limits, Request, Response, error_response, json_response
+from snapshotter.errors import StartupError
 
 log = logging.getLogger("lazysnap.convertd")
 T = TypeVar("T")
@@ -501,7 +511,7 @@ def _inspect_manifest(doc: dict, what: str) -> None:
     layers = [layer for layer in doc["layers"] if layer.get("mediaType") not in FOREIGN]
     if not layers:
         raise Skip(f"{what}: no layers to convert")
-    if all(expected_toc_digest(layer.get("annotations")) for layer in layers):
+    if all_accelerated(layers):
         raise Skip(f"{what}: already accelerated (every layer has a TOC annotation)")
 
 
@@ -529,10 +539,6 @@ def _describe(e: BaseException) -> str:
 # --- process ----------------------------------------------------------------------------------------------
 
 
-class StartError(RuntimeError):
-    """convertd cannot start; the message says why."""
-
-
 def _prepare_state(config: Config) -> tuple[Any, JobStore]:
     """Create the state dir (0700), take its lock, empty tmp/ (layers of interrupted conversions), open
     the queue."""
@@ -542,12 +548,12 @@ def _prepare_state(config: Config) -> tuple[Any, JobStore]:
         os.chmod(state, 0o700)
         lock = open(state / "convertd.lock", "w")  # held (flock) for the life of the process
     except OSError as e:
-        raise StartError(f"cannot use the state dir {state}: {e.strerror}") from None
+        raise StartupError(f"cannot use the state dir {state}: {e.strerror}") from None
     try:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         lock.close()
-        raise StartError(f"another convertd is using the state dir {state}") from None
+        raise StartupError(f"another convertd is using the state dir {state}") from None
     tmp = state / "tmp"
     if tmp.exists():
         shutil.rmtree(tmp, ignore_errors=True)
@@ -556,7 +562,7 @@ def _prepare_state(config: Config) -> tuple[Any, JobStore]:
         store = JobStore(state / "jobs.db")
     except QueueError as e:
         lock.close()
-        raise StartError(str(e)) from None
+        raise StartupError(str(e)) from None
     return lock, store
 
 
@@ -576,7 +582,7 @@ async def serve(config: Config) -> int:
             try:
                 listeners = await server.listen(host, port)
             except OSError as e:
-                raise StartError(f"cannot listen on {config.listen}: {e.strerror or e}") from None
+                raise StartupError(f"cannot listen on {config.listen}: {e.strerror or e}") from None
             bound = [listener.socket.getsockname() for listener in listeners]
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(server.serve, listeners)
@@ -642,7 +648,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         failpoints.load_from_environment()
         return trio.run(serve, config)
-    except (StartError, ValueError) as e:
+    except (StartupError, ValueError) as e:
         print(f"lazysnap convertd: {e}", file=sys.stderr)
         return 1
 

@@ -23,15 +23,12 @@ The sandbox isolates for cleanup, not for security: the image's code runs as roo
 and the host's network. Optimize only images you trust (for convertd: repositories whose pushers you
 trust).
 
-`python -m snapshotter.optimize sandbox SPEC` is internal: the workload's first process, in its new
-namespaces.
+The workload's first process, in its new namespaces, is `python -m snapshotter.convert.sandbox SPEC`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import ctypes.util
 import hashlib
 import json
 import os
@@ -39,7 +36,6 @@ import posixpath
 import re
 import shutil
 import signal
-import stat
 import subprocess
 import sys
 import tempfile
@@ -51,30 +47,23 @@ from typing import Any
 
 import trio
 
-from fuse.formats.annotations import expected_toc_digest
 from fuse.registry import Platform, Reference, RegistryClient, RegistryError
-
-from .convert import ConvertError, ConvertResult, convert_image, default_destination, read_prioritized
+from snapshotter import host
+from snapshotter.convert.converter import (
+    ConvertError,
+    ConvertResult,
+    convert_image,
+    default_destination,
+    read_prioritized,
+)
+from snapshotter.convert.image import all_accelerated
 
 DEFAULT_TIMEOUT = 60.0  # seconds the workload may run
 MOUNT_TIMEOUT = 120.0  # for `lazysnap mount` to resolve the image and read every layer's TOC
 STOP_GRACE = 15.0  # for a process to exit after SIGTERM (or its namespace after SIGKILL)
 SCRATCH_SUFFIX = "-optimize-tmp"
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
-DEVICES = {"null": (1, 3), "zero": (1, 5), "full": (1, 7), "random": (1, 8), "urandom": (1, 9), "tty": (5, 0)}
-DEV_LINKS = {
-    "fd": "/proc/self/fd",
-    "stdin": "/proc/self/fd/0",
-    "stdout": "/proc/self/fd/1",
-    "stderr": "/proc/self/fd/2",
-}
 LOG_TAIL = 20  # lines of a child's output quoted in an error
-
-_libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
-PR_SET_PDEATHSIG = 1
-MNT_DETACH = 2
-MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC = 1, 2, 4, 8
-MS_REMOUNT, MS_BIND, MS_REC = 32, 4096, 16384
 
 
 class OptimizeError(ConvertError):
@@ -211,10 +200,7 @@ async def _lazily_loadable(
         resolved = await client.resolve(ref, want)
     except RegistryError:
         return None  # the conversion says what is wrong with it
-    layers = resolved.layers
-    if layers and all(expected_toc_digest(d.get("annotations")) for d in layers):
-        return resolved.reference
-    return None
+    return resolved.reference if all_accelerated(resolved.layers) else None
 
 
 # --- the mount and the workload -----------------------------------------------------------------------------
@@ -227,9 +213,8 @@ class _Child:
 
     def __init__(self, argv: Sequence[str], log_path: Path, death_signal: int):
         def die_with_parent() -> None:
-            prctl(PR_SET_PDEATHSIG, death_signal, 0, 0, 0)
+            host.set_death_signal(death_signal)
 
-        prctl = _libc.prctl
         with open(log_path, "ab") as out:
             self.popen = subprocess.Popen(
                 list(argv),
@@ -282,11 +267,11 @@ async def _lazy_mount(
     proc = _Child(argv, log_path, signal.SIGTERM)
     try:
         with trio.move_on_after(MOUNT_TIMEOUT):
-            while str(lower) not in _mount_points():
+            while not host.is_mountpoint(lower):
                 if proc.poll() is not None:
                     raise OptimizeError(f"lazysnap mount {ref} failed:\n{_tail(log_path)}")
                 await trio.sleep(0.05)
-        if str(lower) not in _mount_points():
+        if not host.is_mountpoint(lower):
             raise OptimizeError(f"lazysnap mount {ref}: not mounted after {MOUNT_TIMEOUT:.0f}s")
         say(f"mounted {ref} lazily; recording the files opened")
         yield lower, record
@@ -326,7 +311,7 @@ async def _run_workload(
     )
     log_path = work / "workload.log"
     argv = [unshare, "--mount", "--propagation", "private", "--pid", "--fork", "--kill-child", "--"]
-    argv += [sys.executable, "-m", "snapshotter.optimize", "sandbox", str(spec)]
+    argv += [sys.executable, "-m", "snapshotter.convert.sandbox", str(spec)]
     say(f"running the workload (at most {timeout:g}s): {command}")
     proc = _Child(argv, log_path, signal.SIGKILL)
     try:
@@ -370,24 +355,12 @@ def _children(pid: int) -> list[int]:
 
 async def _remove(work: Path) -> None:
     """Unmount whatever is still mounted under work (detached, deepest first), then delete it."""
-    for point in sorted(_mounts_under(work), key=len, reverse=True):
-        _libc.umount2(os.fsencode(point), MNT_DETACH)
-    left = _mounts_under(work)
+    for point in sorted(host.mounts_under(work), key=len, reverse=True):
+        host.umount(point, host.MNT_DETACH)
+    left = host.mounts_under(work)
     if left:
         raise OptimizeError(f"cannot unmount {', '.join(left)}: {work} is left in place")
     await trio.to_thread.run_sync(shutil.rmtree, work)
-
-
-def _mount_points() -> list[str]:
-    """Mount points of this mount namespace (mountinfo's octal escapes decoded)."""
-    with open("/proc/self/mountinfo", "rb") as f:
-        fields = [line.split(b" ")[4] for line in f]
-    return [os.fsdecode(re.sub(rb"\\([0-7]{3})", lambda m: bytes([int(m[1], 8)]), p)) for p in fields]
-
-
-def _mounts_under(path: Path) -> list[str]:
-    top = str(path)
-    return [p for p in _mount_points() if p == top or p.startswith(top + "/")]
 
 
 def _tail(path: Path, lines: int = LOG_TAIL) -> str:
@@ -395,94 +368,3 @@ def _tail(path: Path, lines: int = LOG_TAIL) -> str:
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
     except OSError:
         return ""
-
-
-# --- inside the sandbox -----------------------------------------------------------------------------------
-
-
-def sandbox(spec_file: Path) -> int:
-    """The workload's first process, in its new mount and PID namespaces: mount the writable root over
-    the lazily mounted tree and the API filesystems, chroot, exec `/bin/sh -c COMMAND`. What fails before
-    the exec is written to `sandbox.error` beside the spec, and the exit status is 125."""
-    spec = json.loads(spec_file.read_text())
-    work_fd = os.open(spec_file.parent, os.O_RDONLY | os.O_DIRECTORY)  # still reachable after the chroot
-    try:
-        _enter_root(spec)
-        try:
-            os.execve("/bin/sh", ["/bin/sh", "-c", spec["command"]], spec["env"])
-        except OSError as e:
-            raise OSError(e.errno, f"cannot run /bin/sh in the image: {e.strerror}") from None
-    except OSError as e:
-        message = e.strerror or str(e)
-        if e.filename is not None:
-            message += f": {e.filename}"
-        fd = os.open("sandbox.error", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600, dir_fd=work_fd)
-        os.write(fd, message.encode(errors="replace"))
-        os.close(fd)
-        return 125
-
-
-def _enter_root(spec: dict) -> None:
-    root = spec["root"]
-    options = f"lowerdir={spec['lower']},upperdir={spec['upper']},workdir={spec['work']}"
-    _mount("overlay", root, "overlay", 0, options)
-    os.umask(0o022)
-    if proc := _mount_dir(root, "proc"):
-        _mount("proc", proc, "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)  # of the new PID namespace
-    if dev := _mount_dir(root, "dev"):
-        _mount("tmpfs", dev, "tmpfs", MS_NOSUID | MS_NOEXEC, "mode=755,size=1m")
-        for name, (major, minor) in DEVICES.items():
-            os.mknod(f"{dev}/{name}", stat.S_IFCHR | 0o666, os.makedev(major, minor))
-            os.chmod(f"{dev}/{name}", 0o666)
-        for name, target in DEV_LINKS.items():
-            os.symlink(target, f"{dev}/{name}")
-        os.mkdir(f"{dev}/shm")
-        _mount("tmpfs", f"{dev}/shm", "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777")
-    if sys_dir := _mount_dir(root, "sys"):
-        try:
-            _mount("sysfs", sys_dir, "sysfs", MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC)
-        except OSError:  # not allowed here: the host's, bound read-only
-            _mount("/sys", sys_dir, None, MS_BIND | MS_REC)
-            _mount("/sys", sys_dir, None, MS_REMOUNT | MS_BIND | MS_RDONLY)
-    for name, mode in (("tmp", "1777"), ("run", "755")):
-        if path := _mount_dir(root, name):
-            _mount("tmpfs", path, "tmpfs", MS_NOSUID | MS_NODEV, f"mode={mode}")
-    os.chroot(root)
-    os.makedirs(spec["cwd"], exist_ok=True)
-    os.chdir(spec["cwd"])
-
-
-def _mount_dir(root: str, name: str) -> str | None:
-    """root/name as a directory to mount on; None when the image has something else there (a symlink
-    would lead outside the root)."""
-    path = os.path.join(root, name)
-    if os.path.islink(path) or (os.path.lexists(path) and not os.path.isdir(path)):
-        return None
-    os.makedirs(path, exist_ok=True)
-    return path
-
-
-def _mount(source: str, target: str, fstype: str | None, flags: int, data: str | None = None) -> None:
-    result = _libc.mount(
-        source.encode(),
-        target.encode(),
-        fstype.encode() if fstype else None,
-        ctypes.c_ulong(flags),
-        data.encode() if data else None,
-    )
-    if result != 0:
-        err = ctypes.get_errno()
-        what = fstype or source
-        raise OSError(err, f"mount {what} on {target}: {os.strerror(err)}")
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = sys.argv[1:] if argv is None else argv
-    if len(args) == 2 and args[0] == "sandbox":
-        return sandbox(Path(args[1]))
-    print("usage: python -m snapshotter.optimize sandbox SPEC (used by lazysnap convert --optimize)")
-    return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,0 +1,1 @@
+"""`lazysnap convertd`: the conversion service driven by a registry's push notifications."""

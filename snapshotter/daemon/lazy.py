@@ -1,0 +1,129 @@
+"""The daemon's lazy data path: chunk cache, fetcher, registry client, one FUSE mount at <root>/mnt and
+the remote layers it serves. Started on the trio loop before the daemon answers containerd (remote
+layers of existing snapshots are restored from local state first), stopped after it has stopped.
+
+The mount itself is `fuse.mount.FuseMount` (shared with `lazysnap mount`): if the fetcher or the FUSE
+server stops on its own (a bug), the FUSE connection is aborted at once (readers get
+ENOTCONN/ECONNABORTED), the mount is detached, new lazy pulls fall back to full pulls, and
+`ServingStopped` ends the daemon (systemd restarts it; the restart restores every layer).
+Test hook: `LAZYSNAP_FAILPOINTS=fuse.read=error` makes a read's handler fail the way a bug would, which
+stops the FUSE server (`ServedFS`, also used by `lazysnap mount`)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import trio
+
+from fuse.cache import ChunkCache
+from fuse.fetch import Fetcher, FetchOptions
+from fuse.fs import LazyFS
+from fuse.layers import Fallback, LayerRequest, RemoteLayers
+from fuse.mount import FuseMount, MountFailed, ServingStopped
+from fuse.registry import CredentialStore, HostsConfig, Options, RegistryClient
+from snapshotter import failpoints
+from snapshotter.daemon.config import Config
+from snapshotter.errors import StartupError
+
+__all__ = ["LazyRuntime", "RemoteBridge", "ServedFS", "ServingStopped"]
+
+log = logging.getLogger("lazysnap.lazy")
+STOP_GRACE = 5.0  # seconds requests in flight may take to finish when the daemon stops
+
+
+class ServedFS(LazyFS):
+    """LazyFS with the `fuse.read` failpoint (a dict check per read when no failpoint is set)."""
+
+    async def read(self, fh, off, size):
+        failpoints.hit("fuse.read")
+        return await super().read(fh, off, size)
+
+
+class LazyRuntime:
+    def __init__(self, config: Config):
+        self.config = config
+        self.root = Path(config.root)
+        self.mountpoint = self.root / "mnt"
+        self.client = RegistryClient(
+            hosts=HostsConfig(Path(config.hosts_dir) if config.hosts_dir else None),
+            credentials=CredentialStore(Path(config.docker_config) if config.docker_config else None),
+            options=Options(max_connections=max(config.fetch_concurrency, 1)),
+        )
+        self.cache = ChunkCache(config.cache_path, config.size("cache_limit"), fsync=False)
+        self.fetcher = Fetcher(
+            self.cache,
+            FetchOptions(
+                merge_cap=config.size("merge_cap"),
+                read_timeout=config.read_timeout,
+                per_host=config.fetch_concurrency,
+                prefetch=config.prefetch,
+                background=config.background,
+                background_rate=float(config.size("background_rate")),
+                read_ahead=config.size("read_ahead"),
+            ),
+        )
+        self.fs = ServedFS(self.fetcher)
+        self.layers = RemoteLayers(
+            self.root,
+            self.mountpoint,
+            self.fs,
+            self.fetcher,
+            self.client,
+            open_timeout=config.open_timeout,
+            background=config.background,
+        )
+        self.mount = FuseMount(self.fs, self.fetcher, self.mountpoint, on_failure=self._failed)
+
+    @property
+    def failure(self) -> str | None:
+        """Why the fetcher or the FUSE server stopped unexpectedly, if they did."""
+        return self.mount.failure
+
+    async def start(self, nursery: trio.Nursery, remote_refs: dict[str, int]) -> None:
+        """Mount FUSE, restore the layers existing snapshots use (name -> users), start fetching."""
+        await self.cache.open()
+        try:
+            self.mount.mount()
+        except MountFailed as e:
+            raise StartupError(str(e)) from None
+        await nursery.start(self.mount.serve)
+        await nursery.start(self.layers.run)
+        failed = await self.layers.restore(remote_refs)
+        if failed:
+            log.error(
+                "%d remote layers could not be restored (their stored TOC is missing or damaged): %s; "
+                "containers on them fail until the images are pulled again",
+                len(failed),
+                ", ".join(failed),
+            )
+
+    async def stop(self) -> None:
+        if self.mount.mounted:
+            await self.cache.flush()
+            await self.client.aclose()
+        await self.mount.stop(STOP_GRACE)
+
+    def _failed(self, reason: str) -> None:
+        """The data path is dead: refuse new lazy pulls (they fall back to full pulls) until a restart."""
+        self.layers.stopped = reason
+
+
+class RemoteBridge:
+    """What the snapshotter (gRPC threads) calls: each call runs on the trio loop."""
+
+    def __init__(self, layers: RemoteLayers, token: trio.lowlevel.TrioToken):
+        self.layers, self.token = layers, token
+
+    def acquire(self, req: LayerRequest, lower: list[str]) -> str | None:
+        """The layer's name once mounted, or None: pull it in full (the reason is logged and counted)."""
+        try:
+            return trio.from_thread.run(self.layers.acquire, req, lower, trio_token=self.token)
+        except Fallback:
+            return None
+
+    def release(self, name: str) -> None:
+        trio.from_thread.run_sync(self.layers.release, name, trio_token=self.token)
+
+    def path(self, name: str) -> str:
+        return self.layers.path(name)
