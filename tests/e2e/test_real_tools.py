@@ -123,7 +123,7 @@ def sources(env: Env) -> dict[str, Pulled]:
         target = env.mounts.mount(mounts_from_ctr(view), env.dir / f"full-{name}")
         unpacked = trees.scan(target)
         env.mounts.unmount(target)
-        env.plain.ctr("snapshots", "rm", f"view-{name}")
+        env.plain.ctr("snapshots", "rm", f"view-{name}", check=False)  # containerd may have collected it
         out[name] = Pulled(source, ref, tars, container_tree(env.plain, ref), unpacked)
     return out
 
