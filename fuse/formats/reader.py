@@ -81,9 +81,10 @@ class Layer:
         return (0, end) if end else None
 
     async def read_chunks(self, ids: list[int]) -> dict[int, bytes]:
-        """Fetch, decompress and verify chunks; neighbouring spans go in one range."""
+        """Fetch, decompress and verify chunks; neighbouring spans go in one range. A zero-run chunk is
+        b"" (a TOC may declare a 1 GiB hole: `read` makes only the zeros it returns)."""
         chunks = [self.index.chunk(i) for i in ids]
-        out = {c.id: bytes(c.size) for c in chunks if c.storage == ZEROS}
+        out = {c.id: b"" for c in chunks if c.storage == ZEROS}
         stored = sorted((c for c in chunks if c.storage != ZEROS), key=lambda c: (c.start, c.inner))
         groups = merge_spans(stored)
         datas = await self.source.read_many([(start, end - start) for start, end, _ in groups])
@@ -121,7 +122,8 @@ class Layer:
         end = min(offset + length, ix.size[ino])
         for cid in ids:
             c_off, data = ix.c_file_offset[cid], got[cid]
-            parts.append(data[max(0, offset - c_off) : max(0, end - c_off)])
+            lo, hi = max(0, offset - c_off), min(end - c_off, ix.c_size[cid])
+            parts.append(bytes(hi - lo) if ix.c_storage[cid] == ZEROS else data[lo:hi])
         return b"".join(parts)
 
     async def read_file(self, path: str) -> bytes:

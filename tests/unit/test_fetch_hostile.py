@@ -116,7 +116,7 @@ def bomb_child(mode: str, cache_dir: str) -> None:
     """Runs in the child under RLIMIT_AS: prints one JSON line with what it saw."""
 
     async def main() -> dict:
-        blob, toc = sparse_layer() if mode == "hole" else bomb_layer()
+        blob, toc = sparse_layer() if mode.startswith("hole") else bomb_layer()
         source = CountingSource(blob)
         layer = await open_layer(source, toc)
         cache = ChunkCache(Path(cache_dir), 1 << 40, fsync=False)
@@ -129,6 +129,11 @@ def bomb_child(mode: str, cache_dir: str) -> None:
             await nursery.start(fetcher.run)
             if mode == "read":
                 out["ok"] = await fetcher.read(handle, ix.find("a"), 0, 4096) == SMALL
+            elif mode == "hole-layer":  # the format reader's own read path, without the fetcher
+                hole = ix.find("hole")
+                middle = await layer.read(hole, 512 * MiB, 128 << 10)
+                across = await layer.read(hole, (1 << 30) - 100, 200)
+                out["ok"] = middle == bytes(128 << 10) and across == bytes(100) + SMALL[:100]
             elif mode == "hole":
                 hole = ix.find("hole")
                 middle = await fetcher.read(handle, hole, 512 * MiB, 128 << 10)
@@ -188,9 +193,11 @@ def test_background_walk_of_bombs_inflates_one_chunk_at_a_time(tmp_path: Path) -
     assert out["max_rss_mib"] < 700, out
 
 
-def test_a_read_of_a_huge_hole_makes_only_the_zeros_it_returns(tmp_path: Path) -> None:
-    # before: the fetcher made the whole declared zero run (1 GiB) for every read of it: MemoryError
-    out = run_bomb_child("hole", tmp_path / "cache", BOMB_LIMIT)
+@pytest.mark.parametrize("mode", ["hole", "hole-layer"])
+def test_a_read_of_a_huge_hole_makes_only_the_zeros_it_returns(tmp_path: Path, mode: str) -> None:
+    # before: the fetcher (and the reader's Layer.read) made the whole declared zero run (1 GiB) for
+    # every read of it: MemoryError
+    out = run_bomb_child(mode, tmp_path / "cache", BOMB_LIMIT)
     assert out["ok"], out
     assert out["max_rss_mib"] < 256, out
 
