@@ -1,5 +1,5 @@
 """The `lazysnap` command line's root: one subcommand per product (`serve`, `status`, `convert`,
-`convertd`, `mount`, `version`), each taking its arguments from, and running in, its own module."""
+`convertd`, `webhook`, `mount`, `version`), each taking its arguments from, and running in, its own module."""
 
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ def build_parser() -> argparse.ArgumentParser:
     from snapshotter.convertd import service as convertd_cmd
     from snapshotter.daemon import main as serve_cmd
     from snapshotter.daemon import status as status_cmd
+    from snapshotter.webhook import server as webhook_cmd
 
     parser = argparse.ArgumentParser(
         prog="lazysnap", description="Lazy-loading container images for containerd."
@@ -49,6 +50,12 @@ def build_parser() -> argparse.ArgumentParser:
             "convertd",
             convertd_cmd,
             "accelerate every image pushed to enabled repositories (registry notifications)",
+            None,
+        ),
+        (
+            "webhook",
+            webhook_cmd,
+            "Kubernetes mutating admission webhook: pods start from accelerated images",
             None,
         ),
         ("mount", mount_cmd, "mount an accelerated image read-only, lazily, without containerd", None),
@@ -82,6 +89,10 @@ def main(argv: list[str] | None = None) -> int:
         from snapshotter.convertd import service as convertd_cmd
 
         return convertd_cmd.run(args)  # sets up its own logging
+    if args.command == "webhook":
+        from snapshotter.webhook import server as webhook_cmd
+
+        return webhook_cmd.run(args)  # sets up its own logging
     if args.command == "convert":
         import trio
 

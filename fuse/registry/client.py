@@ -178,6 +178,30 @@ class RegistryClient:
             )
         )
 
+    async def manifest_exists(self, ref: Reference, *, attempts: int | None = None) -> bool:
+        """Whether the registry has this tag or digest (one HEAD; NotFound is False). `attempts` caps
+        the retries, for callers that answer within a budget."""
+
+        async def handle(resp: httpx.Response) -> bool:
+            if resp.status_code == 404:
+                return False
+            self._expect(resp, (200,), f"manifest {ref}")
+            return True
+
+        kw = {} if attempts is None else {"attempts": attempts}
+        return await self._operation(
+            self._call(
+                ref,
+                "HEAD",
+                "manifests",
+                ref.object,
+                "resolve",
+                handle,
+                headers={"Accept": manifests.ACCEPT},
+                **kw,
+            )
+        )
+
     async def get_blob(self, ref: Reference, digest: str, max_size: int = MAX_CONFIG_SIZE) -> bytes:
         """A whole (small) blob, such as an image config, verified against its digest."""
 

@@ -19,6 +19,7 @@ from fuse.formats.spec import (
 from fuse.registry import Platform
 
 SUFFIX = "_accelerated"  # the default destination: SRC's tag + this
+MAX_TAG = 128  # characters in a tag (the distribution reference grammar)
 OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
 DOCKER_CONFIG = "application/vnd.docker.container.image.v1+json"
 IMAGE_CONFIGS = (OCI_CONFIG, DOCKER_CONFIG)
@@ -66,3 +67,10 @@ def all_accelerated(layers: Iterable[Mapping]) -> bool:
     is; False for no layers."""
     layers = list(layers)
     return bool(layers) and all(is_accelerated(d) for d in layers)
+
+
+def digest_tag(digest: str, suffix: str = SUFFIX) -> str:
+    """The tag of the accelerated copy of the manifest `digest` (convertd pushes it, the webhook looks
+    it up for digest-pinned pods): "sha256:H" -> "sha256-H_accelerated"."""
+    algorithm, _, hex_part = digest.partition(":")
+    return f"{algorithm}-{hex_part}{suffix}"

@@ -14,12 +14,12 @@ from urllib.parse import urlsplit
 
 from fuse.registry import Reference, RegistryError
 from fuse.registry import manifests as mf
+from snapshotter.convert.image import MAX_TAG
 from snapshotter.convertd.config import Config
 from snapshotter.convertd.jobs import Push
 
 EVENTS_MEDIA_TYPE = "application/vnd.docker.distribution.events.v1+json"
 MANIFEST_TYPES = frozenset((*mf.MANIFESTS, *mf.INDEXES))
-MAX_TAG = 128
 _DIGEST = re.compile(r"^sha256:[0-9a-f]{64}\Z")
 _TAG = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}\Z")
 

@@ -6,7 +6,9 @@ A registry (CNCF distribution and compatible ones) POSTs notification envelopes
 ``push`` of a *tagged* image manifest or index in a repository that a ``[[repositories]]`` rule enables,
 convertd commits a job to its persistent queue (``convertd.jobs``, SQLite WAL in the state dir) and
 only then answers 200; workers convert in the background with ``convert.converter.convert_image`` and
-push ``<tag><suffix>`` (``_accelerated``) to the same repository. The original is never touched.
+push ``<tag><suffix>`` (``_accelerated``) to the same repository, and the same image under
+``sha256-<H><suffix>``, H the source manifest's digest (what `lazysnap webhook` maps ``repo@sha256:H``
+to). The original is never touched.
 
 No loops: tags ending in the suffix are never converted, nor manifests whose layers all carry TOC
 annotations already; manifests pushed by digest (the converter's per-platform manifests) have no tag.
@@ -99,7 +101,14 @@ from fuse.registry import (
 from fuse.registry import manifests as mf
 from snapshotter import failpoints, logs
 from snapshotter.convert.converter import ConvertError, convert_image
-from snapshotter.convert.image import ATTESTATION, FOREIGN, IMAGE_CONFIGS, all_accelerated
+from snapshotter.convert.image import (
+    ATTESTATION,
+    FOREIGN,
+    IMAGE_CONFIGS,
+    MAX_TAG,
+    all_accelerated,
+    digest_tag,
+)
 from snapshotter.convert.optimize import optimize_image
 from snapshotter.convert.tar import TarFormatError
 from snapshotter.convert.writer import DEFAULT_CHUNK_SIZE, WriterError
@@ -398,9 +407,17 @@ class Convertd:
                 await self.db(self.store.tag_done, job.id, first)
                 pending = pending[:-1]
                 outcome = "converted"
-                if pending:
-                    ref = Reference(job.registry, job.repository, digest=digest)
-                    result = ((await client.get_manifest(ref))[0], media_type)
+                ref = Reference(job.registry, job.repository, digest=digest)
+                result = ((await client.get_manifest(ref))[0], media_type)
+            # the source digest's tag, so that pods pinned by digest find it too (the webhook)
+            by_digest = Reference(job.registry, job.repository, tag=digest_tag(job.digest, suffix))
+            if len(by_digest.tag or "") <= MAX_TAG:
+                await client.push_manifest(by_digest, result[0], result[1])
+            else:
+                log.warning(
+                    "no digest tag: the suffix makes it longer than a tag may be",
+                    extra={"fields": {"job": job.id, "tag": by_digest.tag, "max": MAX_TAG}},
+                )
             for tag in pending:
                 assert result is not None
                 dst = Reference(job.registry, job.repository, tag=tag.tag + suffix)

@@ -100,6 +100,7 @@ def test_enabled_repositories_are_converted_once_without_loops(
     img = image("app")
     digest = im.push_image(registry.url, "team/app", "v1", img)
     wait_tag(registry.url, "team/app", "v1_accelerated", 30, c)
+    c.wait_job("team/app", digest)  # its last push (the digest tag) follows v1_accelerated's
 
     doc, media_type, _ = get_manifest(registry.url, "team/app", "v1_accelerated")
     assert [layer["mediaType"] for layer in doc["layers"]] == [GZIP, GZIP]
@@ -132,6 +133,7 @@ def test_enabled_repositories_are_converted_once_without_loops(
         "latest_accelerated",
         "copy",
         "manual_accelerated",
+        f"sha256-{digest.removeprefix('sha256:')}_accelerated",  # the source digest's tag
     }
     assert registry_tags(registry.url, "other/app") == {"v1"}
     latest = get_manifest(registry.url, "team/app", "latest_accelerated")[2]
@@ -483,3 +485,70 @@ def test_a_flood_of_idle_and_trickling_sockets_does_not_lock_out_the_registry(
         trickler.join(5)
         for s in [*idle, slow]:
             s.close()
+
+
+def test_the_accelerated_image_is_also_tagged_by_the_source_digest_for_the_webhook(
+    registry_factory: Callable[..., Registry], convertd_factory: Callable[..., Convertd], workdir: Path
+) -> None:
+    """`repo@sha256:H` pods are mapped by the webhook to `repo:sha256-H_accelerated`: convertd pushes that
+    tag beside `<tag>_accelerated`, for a manifest and for an index, converted or only re-tagged."""
+    from snapshotter.webhook import review
+    from snapshotter.webhook.config import Config
+    from snapshotter.webhook.server import Lookups, Metrics
+
+    c = convertd_factory(
+        repositories=[
+            {"name": "team/*"},
+            {"name": "multi/*", "format": "zstd-chunked", "all_platforms": True},
+        ]
+    )
+    registry = registry_factory(config=c.registry_config())
+    c.start()
+    digest = im.push_image(registry.url, "team/pinned", "v1", image("pinned"))
+    index = im.push_index(
+        registry.url, "multi/img", "v2", {"linux/amd64": image("amd"), "linux/arm64": image("arm")}
+    )
+    c.wait_job("team/pinned", digest)
+    c.wait_job("multi/img", index)
+    by_digest = f"sha256-{digest.removeprefix('sha256:')}_accelerated"
+    accelerated = get_manifest(registry.url, "team/pinned", "v1_accelerated")[2]
+    assert get_manifest(registry.url, "team/pinned", by_digest)[2] == accelerated
+    index_tag = f"sha256-{index.removeprefix('sha256:')}_accelerated"
+    assert (
+        get_manifest(registry.url, "multi/img", index_tag)[2]
+        == (get_manifest(registry.url, "multi/img", "v2_accelerated")[2])
+    )
+    # the same content under another tag is only re-tagged; the digest tag stays the same image
+    im.push_image(registry.url, "team/pinned", "again", image("pinned"))
+    wait_tag(registry.url, "team/pinned", "again_accelerated", 30, c)
+    assert get_manifest(registry.url, "team/pinned", by_digest)[2] == accelerated
+
+    # the webhook's lookup resolves a pod pinned to the source digest through that tag
+    pinned = f"{registry.host}/team/pinned@{digest}"
+    pod = {"metadata": {"name": "p"}, "spec": {"containers": [{"name": "app", "image": pinned}]}}
+    doc = {
+        "apiVersion": review.API_VERSION,
+        "kind": "AdmissionReview",
+        "request": {
+            "uid": "u1",
+            "kind": {"group": "", "version": "v1", "kind": "Pod"},
+            "operation": "CREATE",
+            "object": pod,
+        },
+    }
+    settings = review.Settings()
+
+    async def decide() -> review.Outcome:
+        lookups = Lookups(Config(), Metrics())
+        try:
+            return review.respond(doc, await lookups.all(review.wanted(doc, settings)), settings)
+        finally:
+            await lookups.aclose()
+
+    outcome = trio.run(decide)
+    patch = json.loads(base64.b64decode(outcome.review["response"]["patch"]))
+    assert {
+        "op": "replace",
+        "path": "/spec/containers/0/image",
+        "value": f"{registry.host}/team/pinned:{by_digest}",
+    } in patch

@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 
+from fuse.registry import RegistryClient
 from snapshotter.convert.converter import ConvertResult
 from snapshotter.convertd import service as convertd
 from snapshotter.convertd.config import Config, ConfigError, RepositoryRule, load_config
@@ -71,6 +72,17 @@ async def test_a_job_with_a_workload_is_optimized(tmp_path: Path, monkeypatch: p
     async def inspect(client, ref) -> None:
         pass
 
+    pushed: list[str] = []  # manifests pushed besides the converter's own (the digest tag)
+
+    async def get_manifest(self, ref) -> tuple[bytes, str, str]:
+        return b"{}", OCI_MANIFEST, "sha256:" + "e" * 64
+
+    async def push_manifest(self, ref, body, media_type) -> str:
+        pushed.append(str(ref))
+        return "sha256:" + "e" * 64
+
+    monkeypatch.setattr(RegistryClient, "get_manifest", get_manifest)
+    monkeypatch.setattr(RegistryClient, "push_manifest", push_manifest)
     monkeypatch.setattr(convertd, "optimize_image", fake("optimize"))
     monkeypatch.setattr(convertd, "convert_image", fake("convert"))
     monkeypatch.setattr(convertd, "inspect", inspect)
@@ -83,6 +95,10 @@ async def test_a_job_with_a_workload_is_optimized(tmp_path: Path, monkeypatch: p
         assert job is not None
         await service.attempt(job)
     assert service.store.counts()["done"] == 2
+    assert sorted(pushed) == [  # pods pinned to the source digest find the accelerated copy too
+        "r:5000/team/api:sha256-" + "f" * 64 + "_accelerated",
+        "r:5000/team/web:sha256-" + DIGEST.split(":")[1] + "_accelerated",
+    ]
 
     (name, args, kwargs), (other_name, other_args, _) = sorted(calls, key=lambda c: c[0], reverse=True)
     assert name == "optimize" and args == ("r:5000/team/web:v1@" + DIGEST, "r:5000/team/web:v1_accelerated")
