@@ -11,15 +11,12 @@ the machine; the FUSE test runs in a child too (pyfuse3 allows one mount per pro
 
 from __future__ import annotations
 
-import hashlib
-import io
 import json
 import logging
 import os
 import resource
 import subprocess
 import sys
-import tarfile
 import zlib
 from pathlib import Path
 
@@ -29,17 +26,13 @@ import trio
 from fuse.cache import CacheError, ChunkCache
 from fuse.fetch import Fetcher, FetchOptions, FetchTimeout, LayerHandle
 from fuse.formats import FormatError, Unverified, open_layer
-from snapshotter.convert.writer import estargz_footer
 from tests.harness.procs import peak_rss_mib
 from tests.unit.test_cache import tmpfs
 from tests.unit.test_fetch import BIG, FILES, CountingSource, setup
+from tests.unit.test_formats_reader import estargz_tail, sha
 
 MiB = 1 << 20
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def sha(data: bytes) -> str:
-    return "sha256:" + hashlib.sha256(data).hexdigest()
 
 
 def gzip_member(data: bytes = b"", zeros: int = 0) -> bytes:
@@ -57,14 +50,8 @@ def gzip_member(data: bytes = b"", zeros: int = 0) -> bytes:
 def estargz(files: list[tuple[str, bytes, list[dict]]], blob: bytes) -> tuple[bytes, str]:
     """An eStargz blob from prepared data `blob` and TOC entries; returns (blob, TOC digest)."""
     entries = [entry for _, _, chunk_entries in files for entry in chunk_entries]
-    toc = json.dumps({"version": 1, "entries": entries}).encode()
-    tar_buf = io.BytesIO()
-    with tarfile.open(fileobj=tar_buf, mode="w") as tar:
-        info = tarfile.TarInfo("stargz.index.json")
-        info.size = len(toc)
-        tar.addfile(info, io.BytesIO(toc))
-    toc_offset = len(blob)
-    return blob + gzip_member(tar_buf.getvalue()) + estargz_footer(toc_offset), sha(toc)
+    tail, digest = estargz_tail({"version": 1, "entries": entries}, len(blob))
+    return blob + tail, digest
 
 
 def chunk_entries(name: str, chunks: list[tuple[int, int, int]], digest: str) -> list[dict]:

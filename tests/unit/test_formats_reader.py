@@ -68,15 +68,20 @@ def tiny_estargz(files: dict[str, bytes], toc_mutator=None) -> tuple[bytes, str]
     doc = {"version": 1, "entries": entries}
     if toc_mutator:
         toc_mutator(doc)
+    tail, digest = estargz_tail(doc, len(blob))
+    return blob + tail, digest
+
+
+def estargz_tail(doc: dict, toc_offset: int) -> tuple[bytes, str]:
+    """What follows an eStargz blob's data at `toc_offset`: the TOC (a tar in one gzip member) and the
+    footer; returns (those bytes, TOC digest)."""
     toc = json.dumps(doc).encode()
     tar_buf = io.BytesIO()
     with tarfile.open(fileobj=tar_buf, mode="w") as tar:
         info = tarfile.TarInfo("stargz.index.json")
         info.size = len(toc)
         tar.addfile(info, io.BytesIO(toc))
-    toc_offset = len(blob)
-    blob += gzip.compress(tar_buf.getvalue(), mtime=0) + gzip_footer(toc_offset)
-    return blob, sha(toc)
+    return gzip.compress(tar_buf.getvalue(), mtime=0) + gzip_footer(toc_offset), sha(toc)
 
 
 FILES = {"a": b"alpha" * 1000, "dir/b": b"beta", "dir/c": bytes(range(256)) * 64}
