@@ -79,8 +79,15 @@ class LazyFS(pyfuse3.Operations):
         self.fetcher = fetcher
         self._by_name: dict[str, _Mounted] = {}
         self._by_slot: dict[int, _Mounted] = {}
+        self._coming: dict[int, tuple[str, trio.Event]] = {}  # slot -> layer being restored, set when done
+        self._lost: set[int] = set()  # slots whose layer could not be restored: their files give EIO
         self._uid, self._gid = os.getuid(), os.getgid()
         self._opened: dict[tuple[str, str], None] | None = {} if record else None  # ordered set
+        self.on_init = None  # called from init(), before libfuse answers the kernel's INIT (fuse.mount)
+
+    def init(self) -> None:
+        if self.on_init is not None:
+            self.on_init()
 
     def recorded(self) -> list[tuple[str, str]]:
         """(layer name, path) of each regular file opened since the mount, in first-open order; empty
@@ -104,6 +111,24 @@ class LazyFS(pyfuse3.Operations):
         m = _Mounted(name, slot, handle)
         self._by_slot[slot] = m
         self._by_name[name] = m  # visible from here on: one dict insertion
+        self._lost.discard(slot)
+        self._arrived(slot)
+
+    def expect_layer(self, name: str, slot: int) -> None:
+        """A layer a previous process served is being restored: requests for it wait until `add_layer`
+        (or `lose_layer`) instead of failing, so readers of a running container see a pause, not an
+        error."""
+        self._coming[slot] = (name, trio.Event())
+
+    def lose_layer(self, slot: int) -> None:
+        """The layer expected at `slot` cannot be restored: its waiting and later requests fail with EIO."""
+        self._lost.add(slot)
+        self._arrived(slot)
+
+    def _arrived(self, slot: int) -> None:
+        coming = self._coming.pop(slot, None)
+        if coming is not None:
+            coming[1].set()
 
     def release_layer(self, name: str) -> bool:
         """Drop one reference; the layer disappears with the last. Returns True when it was removed."""
@@ -125,11 +150,26 @@ class LazyFS(pyfuse3.Operations):
 
     # --- helpers ----------------------------------------------------------------------------------
 
-    def _resolve(self, inode: int) -> tuple[_Mounted, int]:
-        m = self._by_slot.get(inode >> SLOT_SHIFT)
+    async def _resolve(self, inode: int) -> tuple[_Mounted, int]:
+        slot = inode >> SLOT_SHIFT
+        m = self._by_slot.get(slot)
         if m is None:
-            raise pyfuse3.FUSEError(errno.ENOENT)
+            coming = self._coming.get(slot)
+            if coming is not None:
+                await coming[1].wait()
+                m = self._by_slot.get(slot)
+            if m is None:
+                raise pyfuse3.FUSEError(errno.EIO if slot in self._lost else errno.ENOENT)
         return m, inode & LOCAL_MASK
+
+    async def _layer_named(self, name: str) -> _Mounted | None:
+        m = self._by_name.get(name)
+        if m is None:
+            for slot, (coming, arrived) in list(self._coming.items()):
+                if coming == name:
+                    await arrived.wait()
+                    return self._by_slot.get(slot)
+        return m
 
     def _attrs(self, m: _Mounted, local: int) -> pyfuse3.EntryAttributes:
         ix = m.handle.layer.index
@@ -165,11 +205,11 @@ class LazyFS(pyfuse3.Operations):
     async def lookup(self, parent_inode, name, ctx=None):
         text = os.fsdecode(name)
         if parent_inode == pyfuse3.ROOT_INODE:
-            m = self._by_name.get(text)
+            m = await self._layer_named(text)
             if m is None:
                 raise pyfuse3.FUSEError(errno.ENOENT)
             return self._attrs(m, ROOT)
-        m, local = self._resolve(parent_inode)
+        m, local = await self._resolve(parent_inode)
         child = m.handle.layer.index.lookup(local, text)
         if child is None:
             raise pyfuse3.FUSEError(errno.ENOENT)
@@ -178,11 +218,11 @@ class LazyFS(pyfuse3.Operations):
     async def getattr(self, inode, ctx=None):
         if inode == pyfuse3.ROOT_INODE:
             return self._root_attrs()
-        m, local = self._resolve(inode)
+        m, local = await self._resolve(inode)
         return self._attrs(m, local)
 
     async def readlink(self, inode, ctx):
-        m, local = self._resolve(inode)
+        m, local = await self._resolve(inode)
         try:
             return os.fsencode(m.handle.layer.index.readlink(local))
         except KeyError:
@@ -190,7 +230,7 @@ class LazyFS(pyfuse3.Operations):
 
     async def opendir(self, inode, ctx):
         if inode != pyfuse3.ROOT_INODE:
-            m, local = self._resolve(inode)
+            m, local = await self._resolve(inode)
             if m.handle.layer.index.kind[local] != DIR:
                 raise pyfuse3.FUSEError(errno.ENOTDIR)
         return inode
@@ -203,7 +243,7 @@ class LazyFS(pyfuse3.Operations):
                 if not pyfuse3.readdir_reply(token, name.encode(), self._attrs(m, local), i + 1):
                     return
             return
-        m, local = self._resolve(fh)
+        m, local = await self._resolve(fh)
         children = m.handle.layer.index.children(local)
         for i in range(start_id, len(children)):
             name, child = children[i]
@@ -216,7 +256,7 @@ class LazyFS(pyfuse3.Operations):
     async def open(self, inode, flags, ctx):
         if flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND):
             raise pyfuse3.FUSEError(errno.EROFS)
-        m, local = self._resolve(inode)
+        m, local = await self._resolve(inode)
         if m.handle.layer.index.kind[local] != REG:
             raise pyfuse3.FUSEError(errno.EINVAL)
         if self._opened is not None:
@@ -225,7 +265,7 @@ class LazyFS(pyfuse3.Operations):
         return pyfuse3.FileInfo(fh=inode, keep_cache=True)
 
     async def read(self, fh, off, size):
-        m, local = self._resolve(fh)
+        m, local = await self._resolve(fh)
         try:
             return await self.fetcher.read(m.handle, local, off, size)
         except (FetchTimeout, FormatError, OSError, trio.TooSlowError) as e:
@@ -256,7 +296,7 @@ class LazyFS(pyfuse3.Operations):
     async def getxattr(self, inode, name, ctx):
         if inode == pyfuse3.ROOT_INODE:
             raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
-        m, local = self._resolve(inode)
+        m, local = await self._resolve(inode)
         value = m.handle.layer.index.xattr(local, os.fsdecode(name))
         if value is None:
             raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
@@ -265,7 +305,7 @@ class LazyFS(pyfuse3.Operations):
     async def listxattr(self, inode, ctx):
         if inode == pyfuse3.ROOT_INODE:
             return []
-        m, local = self._resolve(inode)
+        m, local = await self._resolve(inode)
         return [os.fsencode(n) for n in m.handle.layer.index.xattr_names(local)]
 
     async def statfs(self, ctx):

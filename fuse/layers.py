@@ -53,6 +53,7 @@ log = logging.getLogger("lazysnap.remote")
 MAX_AHEAD = 128  # layers opened ahead from one request (images have far fewer)
 AHEAD_KEEP = 120.0  # seconds a layer opened ahead waits for its own Prepare before it is dropped
 _DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
+SLOTS_FILE = "slots"  # in the state root: the highest slot ever given (slots are never reused)
 
 
 class Fallback(Exception):
@@ -117,6 +118,7 @@ class RemoteLayers:
         open_timeout: float = 30.0,
         background: bool = True,
     ):
+        self.root = root
         self.dir = root / "layers"
         self.mountpoint = mountpoint
         self.fs, self.fetcher, self.client = fs, fetcher, client
@@ -146,12 +148,22 @@ class RemoteLayers:
 
     async def restore(self, refs: dict[str, int]) -> list[str]:
         """Mount every layer that snapshots use (name -> number of snapshots) from its stored TOC;
-        returns the names that could not be restored."""
+        returns the names that could not be restored. Each layer is announced to the filesystem first
+        (`LazyFS.expect_layer`): when this process took over a live mount, requests for a layer not yet
+        restored wait for it rather than fail."""
         self.dir.mkdir(mode=0o700, exist_ok=True)
+        self._max_slot = max(self._max_slot, self._read_high_water())
+        metas = {}
         failed = []
-        for name, count in sorted(refs.items()):
+        for name in sorted(refs):
             try:
-                meta = json.loads((self.dir / name / "meta.json").read_text())
+                metas[name] = json.loads((self.dir / name / "meta.json").read_text())
+                self.fs.expect_layer(name, int(metas[name]["slot"]))
+            except (OSError, ValueError, KeyError, TypeError) as e:
+                log.error("cannot restore remote layer %s: %s", name, e)
+                failed.append(name)
+        for name, meta in metas.items():
+            try:
                 footer = (self.dir / name / "footer").read_bytes()
                 toc = (self.dir / name / "toc").read_bytes()
                 ref = Reference.parse(meta["ref"])
@@ -161,9 +173,10 @@ class RemoteLayers:
                 layer.index.inherit_implicit(stored.get)
             except (OSError, ValueError, KeyError, TypeError, FormatError) as e:
                 log.error("cannot restore remote layer %s: %s", name, e)
+                self.fs.lose_layer(meta["slot"])
                 failed.append(name)
                 continue
-            entry = self._mount(name, meta["slot"], layer, ref, count)
+            entry = self._mount(name, meta["slot"], layer, ref, refs[name])
             self._start_background(entry)
         for stale in self.dir.iterdir() if self.dir.exists() else ():
             if stale.name not in refs and stale.name not in self._layers:
@@ -373,9 +386,19 @@ class RemoteLayers:
             self._nursery.start_soon(fetch)
 
     def _next_slot(self) -> int:
-        # Never reused while the process lives: the kernel may still cache inodes of a removed layer.
+        # Never reused while the mount lives, in this process or the next one that takes it over: the
+        # kernel may still cache inodes of a removed layer. Hence the high-water mark on disk.
         self._max_slot += 1
+        tmp = self.root / f".{SLOTS_FILE}.tmp"
+        tmp.write_text(f"{self._max_slot}\n")
+        os.replace(tmp, self.root / SLOTS_FILE)
         return self._max_slot
+
+    def _read_high_water(self) -> int:
+        try:
+            return int((self.root / SLOTS_FILE).read_text())
+        except (OSError, ValueError):
+            return 0
 
     def stats(self) -> list[dict]:
         return [

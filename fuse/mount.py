@@ -1,12 +1,13 @@
 """The FUSE mount, assembled in one place for `lazysnap serve` and `lazysnap mount`: `FuseMount` (pyfuse3
-start and stop, stale mounts, read-ahead, aborting a dead connection), and the mount primitives under it
+start and stop, adopting a connection an earlier process kept alive, stale mounts, read-ahead, aborting
+a dead connection), and the mount primitives under it
 (libc, umount2(2), the mount table parsed from /proc/self/mountinfo). fuse/ imports nothing from
 snapshotter/, so `snapshotter.host` builds on these rather than repeating them."""
 
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
+import errno
 import logging
 import os
 import re
@@ -16,11 +17,12 @@ from pathlib import Path
 import pyfuse3
 import trio
 
+from . import connection
+from .connection import Connection, libc
 from .fetch import Fetcher
 from .fs import MOUNT_OPTIONS
 
 log = logging.getLogger("lazysnap.mount")
-libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)  # the process's one handle on libc
 MNT_DETACH = 2
 MOUNTINFO = "/proc/self/mountinfo"
 FUSE_CONNECTIONS = "/sys/fs/fuse/connections"  # fusectl: one directory per connection, named by device
@@ -119,23 +121,28 @@ class FuseMount:
     """The one pyfuse3 mount of this process (pyfuse3 allows one), serving `fs` with its fetcher: the data
     path's start and stop for both `lazysnap serve` and `lazysnap mount`.
 
-    `mount()` detaches a stale mount a dead process left at the mountpoint, mounts FUSE and raises the
-    read-ahead. `serve()` runs the fetcher and pyfuse3's loop; both are essential: if either ends while
-    not stopping (a bug), nobody would answer the kernel and every reader would hang, so the connection is
-    aborted at once (readers get ENOTCONN/ECONNABORTED), `on_failure` is told why, the mount is detached
-    and ServingStopped is raised. `stop()` ends pyfuse3's loop, waits up to `grace` for the handlers in
-    flight, closes the session and unmounts."""
+    `mount()` detaches a stale mount a dead process left at the mountpoint, mounts FUSE (our own
+    /dev/fuse descriptor, `fuse.connection`) and raises the read-ahead; `adopt(conn)` serves instead a
+    live connection an earlier process mounted (kept by a descriptor holder), asking the kernel to resend
+    what that process left unanswered. `serve()` runs the fetcher and pyfuse3's loop; both are essential:
+    if either ends while not stopping (a bug), nobody would answer the kernel and every reader would hang,
+    so the connection is aborted at once (readers get ENOTCONN/ECONNABORTED), `on_failure` is told why,
+    the mount is detached and ServingStopped is raised. `stop()` ends pyfuse3's loop, waits up to `grace`
+    for the handlers in flight, closes the session and unmounts; `stop(keep=True)` leaves mount and
+    connection to the holder and the next process (readers wait, requests unanswered are resent)."""
 
     def __init__(self, fs: pyfuse3.Operations, fetcher: Fetcher, mountpoint: Path, on_failure=None):
         self.fs, self.fetcher, self.mountpoint = fs, fetcher, Path(mountpoint)
         self.on_failure = on_failure
         self.failure: str | None = None  # why serving stopped unexpectedly
         self.stopping = False
+        self.keep = False  # stop() leaves the connection alive (a holder has a copy)
         self.mounted = False
         self.device: str | None = None
+        self.connection: Connection | None = None
         self._done = trio.Event()
 
-    def mount(self) -> None:
+    def mount(self) -> Connection:
         if is_mountpoint(self.mountpoint):
             log.warning("detaching the FUSE mount a previous lazysnap left at %s", self.mountpoint)
             err = umount(self.mountpoint, MNT_DETACH)
@@ -143,14 +150,33 @@ class FuseMount:
                 raise MountFailed(f"cannot detach the stale mount at {self.mountpoint}: {os.strerror(err)}")
         self.mountpoint.mkdir(mode=0o700, exist_ok=True)
         try:
-            pyfuse3.init(self.fs, str(self.mountpoint), list(MOUNT_OPTIONS))
+            conn = connection.mount(self.mountpoint, MOUNT_OPTIONS)
+        except OSError as e:
+            hint = "run as root" if e.errno == errno.EPERM else "is /dev/fuse there (modprobe fuse)?"
+            raise MountFailed(f"cannot mount FUSE at {self.mountpoint}: {e.strerror}; {hint}") from None
+        try:
+            self._start_session(conn, adopting=False)
+        except MountFailed:
+            umount(self.mountpoint, MNT_DETACH)
+            conn.close()
+            raise
+        raise_read_ahead(self.mountpoint)
+        return conn
+
+    def adopt(self, conn: Connection) -> None:
+        """Serve the live connection `conn` (the kernel's mount at our mountpoint, kept by a holder)."""
+        self._start_session(conn, adopting=True)
+
+    def _start_session(self, conn: Connection, *, adopting: bool) -> None:
+        feeder = connection.Feeder(conn, adopting=adopting)
+        self.fs.on_init = feeder.switch
+        try:
+            pyfuse3.init(self.fs, feeder.path, [])
         except RuntimeError as e:
-            raise MountFailed(
-                f"cannot mount FUSE at {self.mountpoint}: {e}; is /dev/fuse there (modprobe fuse)?"
-            ) from None
+            raise MountFailed(f"cannot serve the FUSE mount at {self.mountpoint}: {e}") from None
+        self.connection = conn
         self.mounted = True
         self.device = mount_device(self.mountpoint)
-        raise_read_ahead(self.mountpoint)
 
     async def serve(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
@@ -158,8 +184,9 @@ class FuseMount:
             await nursery.start(self._essential, "the FUSE server", self._main)
             task_status.started()
 
-    async def stop(self, grace: float) -> None:
+    async def stop(self, grace: float, *, keep: bool = False) -> None:
         self.stopping = True
+        self.keep = keep
         if not self.mounted:
             return
         pyfuse3.terminate()
@@ -170,15 +197,23 @@ class FuseMount:
         self.release()
 
     def release(self) -> None:
-        """Close the session (closing /dev/fuse aborts the connection) and detach the mount; idempotent."""
+        """Close the session and, unless kept, unmount (closing the last /dev/fuse descriptor aborts the
+        connection); idempotent."""
         if not self.mounted:
             return
         self.mounted = False
         failed = self.failure is not None or not self.stopping
         if failed and self.device is not None:
             abort_connection(self.device)  # waiting readers get an error, and the unmounts cannot hang
-        pyfuse3.close(unmount=True)
-        if is_mountpoint(self.mountpoint):  # libfuse skips the unmount of an aborted connection
+        if self.keep and not failed:
+            # The session stays open until the process exits (a handler still running may yet answer;
+            # what is left unanswered is resent to the next daemon): nothing may free it under them.
+            log.info("left the FUSE mount %s to the next lazysnap (readers wait for it)", self.mountpoint)
+            return
+        pyfuse3.close(unmount=False)  # libfuse never mounted it: the unmount is ours
+        if self.connection is not None:
+            self.connection.close()
+        if umount(self.mountpoint) not in (0, errno.EINVAL, errno.ENOENT):  # busy: detach it
             if umount(self.mountpoint, MNT_DETACH) == 0 and self.failure is not None:
                 log.error("detached %s: readers of its layers get I/O errors", self.mountpoint)
 

@@ -1,4 +1,5 @@
-"""Generate the Python gRPC code for containerd's snapshots API into snapshotter/api/.
+"""Generate the Python gRPC code for containerd's snapshots API (and the CRI subset the CRI proxy reads)
+into snapshotter/api/.
 
 The generated modules are committed (so an installed lazysnap needs no protoc), and
 tests/unit/test_proto.py fails when they are stale: run `make proto` after editing a .proto file.
@@ -6,8 +7,8 @@ tests/unit/test_proto.py fails when they are stale: run `make proto` after editi
     python proto/generate.py [OUTPUT_DIR]      # default: snapshotter/api
 
 protoc names Python modules after the .proto paths (``containerd.types.mount_pb2``); they are
-re-rooted under ``snapshotter.api`` so that lazysnap does not claim a top-level ``containerd``
-package. The protobuf package names, which are the wire contract, are untouched.
+re-rooted under ``snapshotter.api`` so that lazysnap does not claim a top-level ``containerd`` (or
+``k8s``) package. The protobuf package names, which are the wire contract, are untouched.
 """
 
 from __future__ import annotations
@@ -24,7 +25,9 @@ PACKAGE = "snapshotter.api"
 SOURCES = [
     "containerd/types/mount.proto",
     "containerd/services/snapshots/v1/snapshots.proto",
+    "k8s/cri/v1/api_subset.proto",
 ]
+TOP_LEVELS = ("containerd", "k8s")  # the first directories of SOURCES: generated packages
 
 
 def generate(out_dir: Path) -> list[Path]:
@@ -68,13 +71,15 @@ def generate(out_dir: Path) -> list[Path]:
 
 def _reroot(text: str) -> str:
     # "from containerd.types import mount_pb2" -> "from snapshotter.api.containerd.types import mount_pb2"
-    return re.sub(r"^(from|import) containerd\.", rf"\1 {PACKAGE}.containerd.", text, flags=re.MULTILINE)
+    tops = "|".join(TOP_LEVELS)
+    return re.sub(rf"^(from|import) ({tops})\.", rf"\1 {PACKAGE}.\2.", text, flags=re.MULTILINE)
 
 
 def main() -> None:
     out = Path(sys.argv[1]) if len(sys.argv) > 1 else REPO_ROOT / "snapshotter" / "api"
     if out.exists() and len(sys.argv) == 1:
-        shutil.rmtree(out / "containerd", ignore_errors=True)
+        for top in TOP_LEVELS:
+            shutil.rmtree(out / top, ignore_errors=True)
     for path in generate(out):
         print(path.relative_to(out.parent) if out.parent in path.parents else path)
 

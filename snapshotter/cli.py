@@ -1,66 +1,74 @@
 """The `lazysnap` command line's root: one subcommand per product (`serve`, `status`, `convert`,
-`convertd`, `webhook`, `mount`, `version`), each taking its arguments from, and running in, its own module."""
+`convertd`, `webhook`, `mount`, `supervise`, `version`), each taking its arguments from, and running in,
+its own module."""
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import sys
 
-from google.protobuf import __version__ as protobuf_version
-
 from snapshotter import __version__
-from snapshotter.api.containerd.services.snapshots.v1 import snapshots_pb2
+
+#: name, module (imported only when that command runs: a restarted daemon's readers wait for its
+#: start-up), help line, and the description when the module docstring's first paragraph is not it
+COMMANDS = [
+    (
+        "serve",
+        "snapshotter.daemon.main",
+        "run the snapshotter: containerd's proxy plugin dials its socket",
+        "Serve containerd's snapshots API on a unix socket until SIGINT or SIGTERM.",
+    ),
+    (
+        "status",
+        "snapshotter.daemon.status",
+        "what the running daemon serves: lazy layers, cache, fetches, fallbacks",
+        None,
+    ),
+    (
+        "convert",
+        "snapshotter.convert.cli",
+        "convert an image to eStargz or zstd:chunked and push it beside the original",
+        "DESCRIPTION",
+    ),
+    (
+        "convertd",
+        "snapshotter.convertd.service",
+        "accelerate every image pushed to enabled repositories (registry notifications)",
+        None,
+    ),
+    (
+        "webhook",
+        "snapshotter.webhook.server",
+        "Kubernetes mutating admission webhook: pods start from accelerated images",
+        None,
+    ),
+    ("mount", "snapshotter.mount", "mount an accelerated image read-only, lazily, without containerd", None),
+    (
+        "supervise",
+        "snapshotter.supervise",
+        "run and restart `lazysnap serve` keeping its FUSE connection, where systemd does not",
+        None,
+    ),
+]
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from snapshotter import mount as mount_cmd
-    from snapshotter.convert import cli as convert_cmd
-    from snapshotter.convertd import service as convertd_cmd
-    from snapshotter.daemon import main as serve_cmd
-    from snapshotter.daemon import status as status_cmd
-    from snapshotter.webhook import server as webhook_cmd
-
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The whole command line; with `only`, the arguments of that command alone are loaded."""
     parser = argparse.ArgumentParser(
         prog="lazysnap", description="Lazy-loading container images for containerd."
     )
     parser.add_argument("--version", action="version", version=f"lazysnap {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.add_parser("version", help="print versions and the containerd API served")
-    commands = [
-        (
-            "serve",
-            serve_cmd,
-            "run the snapshotter: containerd's proxy plugin dials its socket",
-            "Serve containerd's snapshots API on a unix socket until SIGINT or SIGTERM.",
-        ),
-        (
-            "status",
-            status_cmd,
-            "what the running daemon serves: lazy layers, cache, fetches, fallbacks",
-            None,
-        ),
-        (
-            "convert",
-            convert_cmd,
-            "convert an image to eStargz or zstd:chunked and push it beside the original",
-            convert_cmd.DESCRIPTION,
-        ),
-        (
-            "convertd",
-            convertd_cmd,
-            "accelerate every image pushed to enabled repositories (registry notifications)",
-            None,
-        ),
-        (
-            "webhook",
-            webhook_cmd,
-            "Kubernetes mutating admission webhook: pods start from accelerated images",
-            None,
-        ),
-        ("mount", mount_cmd, "mount an accelerated image read-only, lazily, without containerd", None),
-    ]
-    for name, module, help_text, description in commands:  # description: the module docstring's head
+    for name, module_name, help_text, description in COMMANDS:
+        if only is not None and name != only:
+            sub.add_parser(name, help=help_text)
+            continue
+        module = importlib.import_module(module_name)
+        if description == "DESCRIPTION":
+            description = module.DESCRIPTION
         module.add_arguments(
             sub.add_parser(name, help=help_text, description=description or module.__doc__.split("\n\n")[0])
         )
@@ -68,9 +76,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    args_in = sys.argv[1:] if argv is None else argv
+    chosen = next((a for a in args_in if not a.startswith("-")), None)
+    parser = build_parser(only=chosen if chosen in {c[0] for c in COMMANDS} else None)
     args = parser.parse_args(argv)
     if args.command == "version":
+        from google.protobuf import __version__ as protobuf_version
+
+        from snapshotter.api.containerd.services.snapshots.v1 import snapshots_pb2
+
         service = snapshots_pb2.DESCRIPTOR.services_by_name["Snapshots"].full_name
         print(
             f"lazysnap {__version__}\nserves {service} (containerd 1.6 proxy snapshotter)\n"
@@ -85,6 +99,10 @@ def main(argv: list[str] | None = None) -> int:
         from snapshotter.daemon import status as status_cmd
 
         return status_cmd.run(args)
+    if args.command == "supervise":
+        from snapshotter import supervise as supervise_cmd
+
+        return supervise_cmd.run(args)
     if args.command == "convertd":
         from snapshotter.convertd import service as convertd_cmd
 

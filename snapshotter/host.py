@@ -1,13 +1,13 @@
 """The host calls of the control plane, in one place: mount(2) and umount2(2), the mount table,
-PR_SET_PDEATHSIG and systemd's sd_notify. libc and mountinfo parsing are `fuse.mount`'s (the data path
-cannot import this package), re-exported here so the rest of snapshotter/ asks only this module."""
+PR_SET_PDEATHSIG (systemd's protocols are `snapshotter.sdnotify`'s). libc and mountinfo parsing are
+`fuse.mount`'s (the data path cannot import this package), re-exported here so the rest of snapshotter/
+asks only this module."""
 
 from __future__ import annotations
 
 import ctypes
 import logging
 import os
-import socket
 from pathlib import Path
 
 from fuse.mount import MNT_DETACH, is_mountpoint, libc, mount_points, umount
@@ -18,7 +18,6 @@ __all__ = [
     "mount",
     "mount_points",
     "mounts_under",
-    "sd_notify",
     "set_death_signal",
     "umount",
 ]
@@ -54,17 +53,3 @@ def mounts_under(path: Path | str) -> list[str]:
 def set_death_signal(signum: int) -> None:
     """The kernel sends this process `signum` when the thread that forked it exits (prctl(2))."""
     libc.prctl(PR_SET_PDEATHSIG, signum, 0, 0, 0)
-
-
-def sd_notify(state: str) -> None:
-    """Tell systemd (Type=notify) about our state, when it is watching."""
-    address = os.environ.get("NOTIFY_SOCKET")
-    if not address:
-        return
-    if address.startswith("@"):
-        address = "\0" + address[1:]
-    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
-        try:
-            s.sendto(state.encode(), address)
-        except OSError as e:
-            log.warning("cannot notify systemd (%s): %s", address.lstrip("\0"), e)

@@ -4,7 +4,9 @@ An `Authorizer` remembers, per endpoint host, the challenge it last answered wit
 carry credentials up front instead of collecting a 401 first. Bearer tokens are cached per
 (endpoint, scope) until shortly before they expire. A token is asked of the realm with GET
 (`service`, `scope`, Basic credentials when there are any) or, for an identity token, with the OAuth2
-refresh-token POST. Tokens and passwords never appear in errors or logs.
+refresh-token POST; a registry token (kubelet's `registry_token`) is the bearer token itself. Credentials
+are looked up for the repository the request's first scope names, so credentials a pull brought for one
+repository never serve another. Tokens and passwords never appear in errors or logs.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from typing import TYPE_CHECKING
 import httpx
 
 from .bodies import read_capped
-from .credentials import CredentialStore
+from .credentials import Credentials, CredentialStore
 from .errors import ProtocolViolation, Unauthorized
 
 if TYPE_CHECKING:
@@ -73,6 +75,14 @@ def scope_for(repository: str, actions: str) -> str:
     return f"repository:{repository}:{actions}"
 
 
+def repository_of(scopes: tuple[str, ...]) -> str | None:
+    """The repository of the first scope (the one `scope_for` made for the request's own image)."""
+    kind, _, rest = scopes[0].partition(":") if scopes else ("", "", "")
+    if kind != "repository":
+        return None
+    return rest.rpartition(":")[0] or None
+
+
 class Authorizer:
     def __init__(self, credentials: CredentialStore):
         self.credentials = credentials
@@ -86,7 +96,7 @@ class Authorizer:
         if challenge is None:
             return {}
         if challenge.scheme == "basic":
-            creds = await self.credentials.lookup(endpoint.registry)
+            creds = await self._basic_credentials(endpoint, scopes)
             if creds is None:
                 return {}
             return {"Authorization": _basic(creds.username, creds.secret)}
@@ -111,28 +121,42 @@ class Authorizer:
         self._challenges[endpoint.host] = challenge
         key = (endpoint.host, " ".join(scopes))
         if challenge.scheme == "basic":
-            creds = await self.credentials.lookup(endpoint.registry)
+            creds = await self._basic_credentials(endpoint, scopes)
             if creds is None:
                 raise Unauthorized(
                     f"{where} requires credentials and none are configured for it "
-                    "(docker config.json, credential helper or lazysnap config)"
+                    "(docker config.json, credential helper, lazysnap config, or a kubelet pull of the "
+                    "image through lazysnap's CRI proxy)"
                 )
             if previous is not None and previous.scheme == "basic":
                 raise Unauthorized(f"{where} refused the configured credentials for user {creds.username!r}")
             return
         self._tokens.pop(key, None)
-        token, lifetime = await self._fetch_token(endpoint, challenge, scopes, client)
+        creds = await self.credentials.lookup(endpoint.registry, repository_of(scopes))
+        if creds is not None and creds.registry_token:
+            token, lifetime = creds.secret, DEFAULT_TOKEN_LIFETIME  # re-read from the store after that
+        else:
+            token, lifetime = await self._fetch_token(endpoint, challenge, scopes, client, creds)
         self._tokens[key] = (token, time.monotonic() + max(lifetime - EXPIRY_MARGIN, 1.0))
 
+    async def _basic_credentials(self, endpoint: Endpoint, scopes: tuple[str, ...]) -> Credentials | None:
+        """The credentials to send with Basic auth (a registry token is no use there)."""
+        creds = await self.credentials.lookup(endpoint.registry, repository_of(scopes))
+        return None if creds is None or creds.registry_token else creds
+
     async def _fetch_token(
-        self, endpoint: Endpoint, challenge: Challenge, scopes: tuple[str, ...], client: httpx.AsyncClient
+        self,
+        endpoint: Endpoint,
+        challenge: Challenge,
+        scopes: tuple[str, ...],
+        client: httpx.AsyncClient,
+        creds: Credentials | None,
     ) -> tuple[str, float]:
         where = f"{endpoint.registry}"
         realm = challenge.params.get("realm")
         if not realm or not realm.startswith(("http://", "https://")):
             raise Unauthorized(f"{where}: Bearer challenge without a usable realm")
         service = challenge.params.get("service", "")
-        creds = await self.credentials.lookup(endpoint.registry)
         self.token_fetches += 1
         if creds and creds.identity_token:
             form = {

@@ -18,6 +18,9 @@ command-line flags. Every key is optional; the defaults:
     background = true                         # then fetch the rest of each layer in the background
     background_rate = "0"                     # bytes/s for the background fetch; "0" = unlimited
     metrics_address = ""                      # host:port for Prometheus /metrics (loopback); "" = off
+    cri_address = ""                          # CRI image service proxy socket for kubelet; "" = off
+    cri_backend = "/run/containerd/containerd.sock"  # containerd's CRI socket the proxy forwards to
+    cri_credentials_ttl = "12h"               # pull credentials are kept this long after each pull
 
 Sizes and durations follow `snapshotter.settings` (the grammar of every command: "4M" is 4,000,000
 bytes, "4MiB" 4,194,304; timeouts may also be written "500ms", "1m"). An unknown key, a wrong type or a
@@ -38,7 +41,7 @@ DEFAULT_ADDRESS = "/run/lazysnap/lazysnap.sock"
 DEFAULT_CONFIG = Path("/etc/lazysnap/config.toml")
 MAX_SOCKET_PATH = 107  # sun_path is 108 bytes with the terminating NUL
 SIZE_KEYS = {"cache_limit", "merge_cap", "read_ahead", "background_rate"}
-DURATION_KEYS = {"read_timeout", "open_timeout"}
+DURATION_KEYS = {"read_timeout", "open_timeout", "cri_credentials_ttl"}
 
 
 @dataclass(frozen=True)
@@ -60,6 +63,9 @@ class Config:
     background: bool = True
     background_rate: str = "0"
     metrics_address: str = ""
+    cri_address: str = ""
+    cri_backend: str = "/run/containerd/containerd.sock"
+    cri_credentials_ttl: float = 12 * 3600.0
 
     def with_overrides(self, **values: str | None) -> Config:
         """This config with the values given (not None) replaced, then validated."""
@@ -83,11 +89,21 @@ class Config:
             value = getattr(self, name)
             if value and not value.startswith("/"):
                 raise ConfigError(f"{where}: {name} must be an absolute path (or empty), not {value!r}")
-        if len(self.address.encode()) > MAX_SOCKET_PATH:
+        for name in ("address", "cri_address", "cri_backend"):
+            value = getattr(self, name)
+            if name != "address" and value and not value.startswith("/"):
+                raise ConfigError(f"{where}: {name} must be an absolute socket path, not {value!r}")
+            if len(value.encode()) > MAX_SOCKET_PATH:
+                raise ConfigError(
+                    f"{where}: {name} {value!r} is {len(value.encode())} bytes, over the "
+                    f"{MAX_SOCKET_PATH}-byte limit of unix socket paths; choose a shorter path"
+                )
+        if self.cri_address and self.cri_address in (self.address, self.cri_backend):
             raise ConfigError(
-                f"{where}: address {self.address!r} is {len(self.address.encode())} bytes, over the "
-                f"{MAX_SOCKET_PATH}-byte limit of unix socket paths; choose a shorter path"
+                f"{where}: cri_address {self.cri_address!r} must differ from address and cri_backend"
             )
+        if not self.cri_backend:
+            raise ConfigError(f"{where}: cri_backend must name containerd's socket")
         if self.log_level not in LEVELS:
             raise ConfigError(
                 f"{where}: log_level must be one of {', '.join(LEVELS)}, not {self.log_level!r}"
@@ -103,7 +119,7 @@ class Config:
                 raise ConfigError(f"{where}: {e}") from None
         if self.fetch_concurrency < 1:
             raise ConfigError(f"{where}: fetch_concurrency must be at least 1")
-        for key in ("read_timeout", "open_timeout"):
+        for key in ("read_timeout", "open_timeout", "cri_credentials_ttl"):
             if getattr(self, key) <= 0:
                 raise ConfigError(f"{where}: {key} must be a positive number of seconds")
         if self.metrics_address:

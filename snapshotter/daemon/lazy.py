@@ -22,7 +22,9 @@ from fuse.fs import LazyFS
 from fuse.layers import Fallback, LayerRequest, RemoteLayers
 from fuse.mount import FuseMount, MountFailed, ServingStopped
 from fuse.registry import CredentialStore, HostsConfig, Options, RegistryClient
+from fuse.registry.credentials import PullCredentials
 from snapshotter import failpoints
+from snapshotter.daemon import handover
 from snapshotter.daemon.config import Config
 from snapshotter.errors import StartupError
 
@@ -30,6 +32,7 @@ __all__ = ["LazyRuntime", "RemoteBridge", "ServedFS", "ServingStopped"]
 
 log = logging.getLogger("lazysnap.lazy")
 STOP_GRACE = 5.0  # seconds requests in flight may take to finish when the daemon stops
+KEEP_GRACE = 0.02  # the same when the next daemon takes the mount over (it gets the rest resent)
 
 
 class ServedFS(LazyFS):
@@ -47,7 +50,11 @@ class LazyRuntime:
         self.mountpoint = self.root / "mnt"
         self.client = RegistryClient(
             hosts=HostsConfig(Path(config.hosts_dir) if config.hosts_dir else None),
-            credentials=CredentialStore(Path(config.docker_config) if config.docker_config else None),
+            credentials=CredentialStore(
+                Path(config.docker_config) if config.docker_config else None,
+                # credentials of kubelet's pulls, kept by the CRI proxy (snapshotter.daemon.cri)
+                pulled=PullCredentials(config.cri_credentials_ttl) if config.cri_address else None,
+            ),
             options=Options(max_connections=max(config.fetch_concurrency, 1)),
         )
         self.cache = ChunkCache(config.cache_path, config.size("cache_limit"), fsync=False)
@@ -74,17 +81,30 @@ class LazyRuntime:
             background=config.background,
         )
         self.mount = FuseMount(self.fs, self.fetcher, self.mountpoint, on_failure=self._failed)
+        self.adopted = False  # this process took over the previous daemon's live mount
+        self.kept = False  # a descriptor holder keeps the mount alive when this process ends
+        self.lost: str | None = None  # why the previous daemon's live mount could not be taken over
 
     @property
     def failure(self) -> str | None:
         """Why the fetcher or the FUSE server stopped unexpectedly, if they did."""
         return self.mount.failure
 
-    async def start(self, nursery: trio.Nursery, remote_refs: dict[str, int]) -> None:
-        """Mount FUSE, restore the layers existing snapshots use (name -> users), start fetching."""
+    async def start(
+        self, nursery: trio.Nursery, remote_refs: dict[str, int], old: handover.Predecessor | None = None
+    ) -> None:
+        """Mount FUSE, or take over the live mount the previous daemon kept (`handover`; `old` when
+        upgrading), restore the layers existing snapshots use (name -> users), start fetching. A
+        taken-over mount is served before its layers are restored: requests wait for their layer."""
         await self.cache.open()
+        conn, self.lost = handover.take(self.root, self.mountpoint, old)
         try:
-            self.mount.mount()
+            if conn is not None:
+                self.mount.adopt(conn)
+                self.adopted = self.kept = True  # whoever handed it over still holds a copy
+            else:
+                conn = self.mount.mount()
+                self.kept = handover.keep(self.root, conn, self.mount.device)
         except MountFailed as e:
             raise StartupError(str(e)) from None
         await nursery.start(self.mount.serve)
@@ -98,10 +118,19 @@ class LazyRuntime:
                 ", ".join(failed),
             )
 
-    async def stop(self) -> None:
+    async def stop(self, *, keep: bool = False) -> None:
+        """Stop serving. With `keep` (a holder or a successor has the connection) the mount is left to
+        the next daemon: requests in flight get `KEEP_GRACE`, what is left unanswered is resent to it.
+        Otherwise in-flight requests get `STOP_GRACE` and the mount goes, holder or not."""
+        if keep:  # the registry client stays open: handlers still running must not fail for it
+            await self.cache.flush()
+            await self.mount.stop(KEEP_GRACE, keep=True)
+            return
+        if self.kept:
+            handover.forget()
         if self.mount.mounted:
             await self.cache.flush()
-            await self.client.aclose()
+            await self.client.aclose()  # fetches in flight fail now: their readers get EIO at once
         await self.mount.stop(STOP_GRACE)
 
     def _failed(self, reason: str) -> None:

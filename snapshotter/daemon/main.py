@@ -11,38 +11,37 @@ arrive. Orphaned snapshot directories left by a crash are removed before the soc
 from __future__ import annotations
 
 import argparse
-import errno
 import fcntl
 import functools
 import logging
 import os
 import signal
-import socket
 import stat
 import sys
 import tempfile
 import threading
-from concurrent import futures
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import grpc
 import trio
 
-from snapshotter import __version__, failpoints, host, logs
-from snapshotter.api.containerd.services.snapshots.v1 import snapshots_pb2_grpc
-from snapshotter.daemon import metrics, status
+from fuse.layers import SLOTS_FILE
+from snapshotter import __version__, failpoints, host, logs, sdnotify
+from snapshotter.daemon import handover
 from snapshotter.daemon.config import DEFAULT_CONFIG, Config, load
 from snapshotter.daemon.layout import remove_tree
 from snapshotter.daemon.lazy import LazyRuntime, RemoteBridge, ServingStopped
-from snapshotter.daemon.service import SnapshotsService
 from snapshotter.daemon.snapshots import RemoteLayerSource, Snapshotter
 from snapshotter.errors import ConfigError, StartupError
+
+if TYPE_CHECKING:
+    from snapshotter.daemon.cri import CriProxy
+    from snapshotter.daemon.unixgrpc import UnixServer
 
 log = logging.getLogger("lazysnap.daemon")
 
 WORKERS = 16  # gRPC handler threads: containerd unpacks several layers at once, CRI polls Stat/Usage
 SHUTDOWN_GRACE = 8.0  # seconds in-flight RPCs get to finish after SIGTERM
-MAX_MESSAGE = 16 << 20
 
 
 def check_kernel(filesystems: Path = Path("/proc/filesystems"), fuse: Path = Path("/dev/fuse")) -> None:
@@ -64,7 +63,16 @@ def check_kernel(filesystems: Path = Path("/proc/filesystems"), fuse: Path = Pat
 
 
 #: What a state root may hold before lazysnap first uses it (a dedicated filesystem's lost+found).
-OWN_ENTRIES = {"lost+found", "metadata.db", "metadata.db-wal", "metadata.db-shm", "snapshots", "lock"}
+OWN_ENTRIES = {
+    "lost+found",
+    "metadata.db",
+    "metadata.db-wal",
+    "metadata.db-shm",
+    "snapshots",
+    "lock",
+    SLOTS_FILE,
+    handover.SESSION_FILE,
+}
 OVERLAY_CHECK_PREFIX = ".overlay-check-"
 
 
@@ -148,45 +156,16 @@ def lock_root(root: Path) -> int:
     return fd
 
 
-def prepare_socket(address: Path) -> None:
-    """Create the socket's directory; remove a stale socket file; refuse a live one."""
-    parent = address.parent
-    if not parent.is_dir():
-        try:
-            parent.mkdir(mode=0o700, parents=True)
-        except OSError as e:
-            raise StartupError(f"cannot create the socket directory {parent}: {e.strerror}") from None
-    try:
-        st = address.lstat()
-    except FileNotFoundError:
-        return
-    if not stat.S_ISSOCK(st.st_mode):
-        raise StartupError(f"{address} exists and is not a socket; remove it or choose another --address")
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-        s.settimeout(2)
-        try:
-            s.connect(str(address))
-        except OSError as e:
-            if e.errno not in (errno.ECONNREFUSED, errno.ENOENT):
-                raise StartupError(f"cannot check whether {address} is in use: {e.strerror}") from None
-        else:
-            raise StartupError(
-                f"socket {address} is in use by a live server; stop it or choose another --address"
-            )
-    log.info("replacing stale socket %s (nothing listens on it)", address)
-    address.unlink()
-
-
 class Daemon:
     def __init__(self, config: Config):
         self.config = config
         self.root = Path(config.root)
         self.address = Path(config.address)
         self.snapshotter: Snapshotter | None = None
-        self.server: grpc.Server | None = None
+        self.server: UnixServer | None = None
         self._lock_fd: int | None = None
-        self._socket_ino: int | None = None
         self.stopping = threading.Event()
+        self.cri: CriProxy | None = None  # the CRI image service proxy, when cri_address is set
 
     def start(self) -> None:
         """Everything before listening, then listening (tests and tools without the lazy path)."""
@@ -218,26 +197,17 @@ class Daemon:
     def listen(self) -> None:
         """Open the socket (0600) and serve."""
         assert self.snapshotter is not None
-        prepare_socket(self.address)
-        server = grpc.server(
-            futures.ThreadPoolExecutor(max_workers=WORKERS, thread_name_prefix="rpc"),
-            options=[
-                ("grpc.max_receive_message_length", MAX_MESSAGE),
-                ("grpc.max_send_message_length", MAX_MESSAGE),
-            ],
+        from snapshotter.api.containerd.services.snapshots.v1 import snapshots_pb2_grpc
+        from snapshotter.daemon.service import SnapshotsService
+        from snapshotter.daemon.unixgrpc import UnixServer
+
+        service = SnapshotsService(self.snapshotter)
+        self.server = UnixServer(
+            self.address,
+            workers=WORKERS,
+            thread_prefix="rpc",
+            register=lambda server: snapshots_pb2_grpc.add_SnapshotsServicer_to_server(service, server),
         )
-        snapshots_pb2_grpc.add_SnapshotsServicer_to_server(SnapshotsService(self.snapshotter), server)
-        old_umask = os.umask(0o177)  # the socket is born 0600
-        try:
-            server.add_insecure_port(f"unix:{self.address}")
-        except RuntimeError as e:
-            raise StartupError(f"cannot listen on {self.address}: {e}") from None
-        finally:
-            os.umask(old_umask)
-        os.chmod(self.address, 0o600)
-        self._socket_ino = self.address.stat().st_ino
-        server.start()
-        self.server = server
         log.info(
             "serving",
             extra={
@@ -255,14 +225,9 @@ class Daemon:
     def stop(self) -> None:
         """Stop accepting RPCs, let in-flight ones finish (up to SHUTDOWN_GRACE), release everything."""
         if self.server is not None:
-            self.server.stop(SHUTDOWN_GRACE).wait()
+            self.server.stop(SHUTDOWN_GRACE)
         if self.snapshotter is not None:
             self.snapshotter.close()
-        try:
-            if self._socket_ino is not None and self.address.stat().st_ino == self._socket_ino:
-                self.address.unlink()
-        except FileNotFoundError:
-            pass
         if self._lock_fd is not None:
             os.close(self._lock_fd)
             self._lock_fd = None
@@ -298,14 +263,20 @@ async def _serve(config: Config) -> int:
 
 async def _run(config: Config, daemon: Daemon, runtime: list[LazyRuntime]) -> int:
     lazy: LazyRuntime | None = None
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+    keep = False  # leave the mount to the next daemon
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
         async with trio.open_nursery() as nursery:
             try:
                 lazy = LazyRuntime(config)
                 runtime.append(lazy)
+                old = handover.predecessor()
+                if old is not None:  # an upgrade: ready; the old daemon stops, then we take over
+                    _services()
+                    await handover.replace(old)
                 daemon.prepare(RemoteBridge(lazy.layers, trio.lowlevel.current_trio_token()))
                 assert daemon.snapshotter is not None
-                await lazy.start(nursery, daemon.snapshotter.remote_layers())
+                await lazy.start(nursery, daemon.snapshotter.remote_layers(), old)
+                cri, metrics, status = await trio.to_thread.run_sync(_services)
                 daemon.listen()
                 if config.metrics_address:
                     metrics.serve(config.metrics_address, daemon.snapshotter, lazy)
@@ -314,33 +285,61 @@ async def _run(config: Config, daemon: Daemon, runtime: list[LazyRuntime]) -> in
                     status.socket_path(config.root),
                     functools.partial(status.status_document, lazy, daemon.snapshotter),
                 )
-                host.sd_notify("READY=1")
+                if config.cri_address:
+                    daemon.cri = cri.start(config, lazy.client.credentials.pulled)
+                sdnotify.notify({"READY": "1"})
             except (StartupError, OSError) as e:
                 print(f"lazysnap serve: cannot start: {e}", file=sys.stderr)
                 await _shutdown(daemon, lazy)
                 nursery.cancel_scope.cancel()
                 return 1
             async for signum in signals:
+                if signum == signal.SIGHUP:  # upgrade: hand the mount to a new copy of the daemon
+                    conn = lazy.mount.connection
+                    if conn is None or await handover.start_successor(conn) is None:
+                        continue
+                # SIGTERM (systemd's stop and restart) leaves the mount to the next daemon when a
+                # holder keeps it; SIGINT (Ctrl-C, `lazysnap supervise` stopping) unmounts
+                keep = signum == signal.SIGHUP or (signum == signal.SIGTERM and lazy.kept)
                 log.info("%s received: stopping", signal.Signals(signum).name)
                 break
-            host.sd_notify("STOPPING=1")
+            sdnotify.notify({"STOPPING": "1"})
 
             async def report_more() -> None:
                 async for again in signals:
                     log.info("%s received again: already stopping", signal.Signals(again).name)
 
             nursery.start_soon(report_more)
-            await _shutdown(daemon, lazy)
+            await _shutdown(daemon, lazy, keep=keep)
+            if keep:
+                # Readers wait until the next daemon serves; it starts serving when this process is
+                # gone. Everything is saved (store closed, cache flushed, lock released): go now
+                # rather than after tens of milliseconds of interpreter teardown.
+                logging.shutdown()
+                os._exit(0)
             nursery.cancel_scope.cancel()
     return 0
 
 
-async def _shutdown(daemon: Daemon, lazy: LazyRuntime | None) -> None:
-    """gRPC first (in-flight RPCs may still need the loop), then the FUSE mount."""
+def _services():
+    """The modules of gRPC, HTTP and metrics, imported only once the FUSE mount is served, and off the
+    trio loop: they are most of the start-up time, which readers wait for when a daemon restarts."""
+    import snapshotter.api.containerd.services.snapshots.v1.snapshots_pb2_grpc  # noqa: F401 (listen)
+    import snapshotter.daemon.service  # noqa: F401 (listen)
+    from snapshotter.daemon import cri, metrics, status
+
+    return cri, metrics, status
+
+
+async def _shutdown(daemon: Daemon, lazy: LazyRuntime | None, *, keep: bool = False) -> None:
+    """gRPC first (in-flight RPCs may still need the loop), then the FUSE mount (left to the next
+    daemon when `keep`)."""
     with trio.CancelScope(shield=True):
+        if daemon.cri is not None:  # kubelet's door first: no new pulls
+            await trio.to_thread.run_sync(daemon.cri.stop)
         await trio.to_thread.run_sync(daemon.stop)
         if lazy is not None:
-            await lazy.stop()
+            await lazy.stop(keep=keep)
 
 
 def add_arguments(serve: argparse.ArgumentParser) -> None:

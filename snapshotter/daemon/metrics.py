@@ -3,6 +3,8 @@
 Collected on each scrape from the live objects (no bookkeeping on the read path): remote layers mounted
 and each one's fetched fraction, bytes fetched by kind, chunk cache hits and misses (and the cache's own
 usage), the fetch latency histogram, full-pull fallbacks by reason, and RPC counts and time by method.
+With the CRI proxy on: its calls by method and code, the pulls that brought credentials, and how many
+repositories' credentials are kept (never the credentials themselves).
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING
 
-from prometheus_client import start_http_server
+from prometheus_client import Counter, start_http_server
 from prometheus_client.core import REGISTRY, CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
 from fuse.fetch import LATENCY_BUCKETS
@@ -21,6 +23,17 @@ if TYPE_CHECKING:
     from snapshotter.daemon.snapshots import Snapshotter
 
 log = logging.getLogger("lazysnap.metrics")
+
+# Counted by the CRI proxy (snapshotter.daemon.cri) as calls finish.
+CRI_CALLS = Counter(
+    "lazysnap_cri_calls",
+    "CRI image service calls forwarded, by method and code",
+    ["method", "code"],
+    registry=None,
+)
+CRI_PULLS_WITH_CREDENTIALS = Counter(
+    "lazysnap_cri_pulls_with_credentials", "PullImage calls whose credentials were kept", registry=None
+)
 
 
 class Collector:
@@ -99,6 +112,25 @@ class Collector:
         yield fallbacks
         yield from service.RPC_CALLS.collect()
         yield from service.RPC_SECONDS.collect()
+        yield CounterMetricFamily(
+            "lazysnap_fuse_connections_lost",
+            "Previous daemon's FUSE connections found dead at start: containers on them lost their files",
+            value=int(self.lazy.lost is not None),
+        )
+        yield GaugeMetricFamily(
+            "lazysnap_fuse_adopted",
+            "1 when this daemon took over a live FUSE mount from the previous one (restart, crash, upgrade)",
+            value=int(self.lazy.adopted),
+        )
+        pulled = self.lazy.client.credentials.pulled
+        if pulled is not None:  # the CRI proxy is on
+            yield from CRI_CALLS.collect()
+            yield from CRI_PULLS_WITH_CREDENTIALS.collect()
+            yield GaugeMetricFamily(
+                "lazysnap_cri_credentials_kept",
+                "Repositories whose pull credentials are kept in memory",
+                value=len(pulled),
+            )
 
 
 def serve(address: str, snapshotter: Snapshotter, lazy: LazyRuntime) -> None:

@@ -220,11 +220,7 @@ def test_restart_serves_cached_layers_without_the_network(
     registry.stop()  # no network from here on
     snap.start()
     assert len(snap.client().names()) == len(image.layers)  # restored from the stored TOCs
-    # containerd's proxy connection to the restarted daemon backs off for a few seconds (documented)
-    deadline = time.monotonic() + 30
-    while containerd.ctr("snapshots", "--snapshotter", PLUGIN, "ls", check=False).returncode != 0:
-        assert time.monotonic() < deadline, "containerd did not reconnect to the restarted lazysnap"
-        time.sleep(0.5)
+    containerd.wait_snapshotter(PLUGIN)
     tree = container_tree(containerd, ref, snapshotter=PLUGIN)
     trees.assert_same(image.expected_tree(), tree, ignore=RUNTIME_PATHS)
 

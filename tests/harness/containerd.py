@@ -14,6 +14,7 @@ import secrets
 import shutil
 import socket
 import subprocess
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -135,6 +136,14 @@ class Containerd:
         if check and p.returncode != 0:
             raise CommandError(f"{' '.join(argv)} exited {p.returncode}:\n{p.stdout}{p.stderr}")
         return p
+
+    def wait_snapshotter(self, name: str, timeout: float = 30) -> None:
+        """Wait until containerd reaches snapshotter `name` again: its proxy connection to a restarted
+        snapshotter backs off for a few seconds (documented)."""
+        deadline = time.monotonic() + timeout
+        while self.ctr("snapshots", "--snapshotter", name, "ls", check=False).returncode != 0:
+            assert time.monotonic() < deadline, f"containerd did not reconnect to the restarted {name}"
+            time.sleep(0.5)
 
     def ctr_remote(self, *args: str, **kw) -> subprocess.CompletedProcess[str]:
         return self.ctr(*args, tool="ctr-remote", **kw)

@@ -1,5 +1,7 @@
 """A minimal CRI client (what kubelet sends) built from the CRI descriptor compiled into containerd:
-`PullImage` and friends over containerd's socket, with no hand-written copy of the CRI protos."""
+`PullImage` (with kubelet's AuthConfig) and friends over containerd's socket or lazysnap's CRI proxy,
+with no hand-written copy of the CRI protos; `raw()` sends request bytes as they are and returns the
+response bytes, to compare two servers' answers byte for byte."""
 
 from __future__ import annotations
 
@@ -44,10 +46,22 @@ class CriClient:
         )
         return rpc(request, timeout=timeout)
 
-    def pull_image(self, ref: str, timeout: float = 300) -> str:
-        """PullImage as kubelet calls it; returns the image reference containerd gives back."""
+    def raw(self, path: str, request: bytes, timeout: float = 60) -> bytes:
+        """Call `path` ("/runtime.v1.ImageService/ListImages") with these bytes; the response's bytes."""
+        return self.channel.unary_unary(path)(request, timeout=timeout)
+
+    def pull_image(self, ref: str, timeout: float = 300, auth: dict[str, str] | None = None) -> str:
+        """PullImage as kubelet calls it, with `auth` as AuthConfig fields (username, password, auth,
+        server_address, identity_token, registry_token) when given; returns containerd's image ref."""
         request = message("PullImageRequest")(image=message("ImageSpec")(image=ref))
+        if auth is not None:
+            request.auth.CopyFrom(message("AuthConfig")(**auth))
         return self._call("ImageService", "PullImage", request, "PullImageResponse", timeout).image_ref
+
+    def image_status(self, ref: str, timeout: float = 30):
+        """ImageStatusResponse of one image (`image` unset when containerd does not have it)."""
+        request = message("ImageStatusRequest")(image=message("ImageSpec")(image=ref))
+        return self._call("ImageService", "ImageStatus", request, "ImageStatusResponse", timeout)
 
     def list_images(self, timeout: float = 30) -> list[str]:
         response = self._call(

@@ -3,13 +3,15 @@
 The registry's own access log says what it answered (status, bytes) but not which byte ranges were
 asked for; tests of the lazy data path need exactly that. The relay forwards bytes unchanged in both
 directions and parses only request heads (and request bodies by Content-Length or chunked framing, to
-find the next head). Plain HTTP only: put it in front of a registry without TLS.
+find the next head). Plain HTTP only: put it in front of a registry without TLS. `delay` slows every
+request down and `refuse` makes the registry unreachable, both settable while it runs.
 """
 
 from __future__ import annotations
 
 import socket
 import threading
+import time
 from dataclasses import dataclass
 
 
@@ -44,6 +46,8 @@ class HttpRecorder:
         self._conns: set[socket.socket] = set()
         self._threads: list[threading.Thread] = []
         self._closing = False
+        self.delay = 0.0  # seconds each request waits before it is relayed: a slow registry
+        self.refuse = False  # answer nothing: new connections are closed at once (a registry down)
 
     def start(self) -> HttpRecorder:
         self._spawn(self._accept_loop)
@@ -70,6 +74,9 @@ class HttpRecorder:
                 client, _ = self._listener.accept()
             except OSError:
                 return
+            if self.refuse:
+                _close(client)
+                continue
             try:
                 upstream = socket.create_connection(self.upstream, timeout=10)
                 upstream.settimeout(None)
@@ -98,6 +105,10 @@ class HttpRecorder:
                 method, path = request_line.split(" ")[:2]
                 with self._lock:
                     self.requests.append(RecordedRequest(method, path, headers.get("range")))
+                if self.delay:
+                    time.sleep(self.delay)
+                if self.refuse:
+                    return
                 upstream.sendall(head)
                 if headers.get("transfer-encoding", "").lower() == "chunked":
                     reader.relay_chunked(upstream)

@@ -17,6 +17,7 @@ import signal
 import sqlite3
 import subprocess
 import sys
+import time
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
@@ -52,6 +53,7 @@ class Lazysnap:
         config: Path | None = None,
         log_level: str | None = "debug",
         env: Mapping[str, str] | None = None,
+        supervised: bool = False,
     ):
         self.workdir = workdir
         self.log_path = workdir / f"{name}.log"
@@ -70,7 +72,11 @@ class Lazysnap:
             args += ["--address", str(self.address)]
         if log_level is not None:
             args += ["--log-level", log_level]
-        self.service = Service(name, [*lazysnap_command(), *args], self.log_path, env=dict(env or {}))
+        argv = [*lazysnap_command(), *args]
+        if supervised:  # `lazysnap supervise` keeps the FUSE descriptor and restarts the daemon
+            argv = [*lazysnap_command(), "supervise", "--", *argv]
+        self.supervised = supervised
+        self.service = Service(name, argv, self.log_path, env=dict(env or {}))
         self._channel: grpc.Channel | None = None
 
     @property
@@ -120,6 +126,32 @@ class Lazysnap:
             proc.wait(10)
         self.service.stop()
 
+    def daemon_pid(self) -> int | None:
+        """The pid of the `lazysnap serve` holding the state root (from its lock file), if any."""
+        try:
+            text = (self.root / "lock").read_text().strip()
+        except FileNotFoundError:
+            return None
+        return int(text) if text else None
+
+    def wait_new_daemon(self, old_pid: int | None, timeout: float = 30) -> int:
+        """Wait until a daemon other than `old_pid` holds the root and answers on its socket; its pid."""
+        deadline = time.monotonic() + timeout
+        while True:
+            pid = self.daemon_pid()
+            if pid is not None and pid != old_pid and _alive(pid) and self._answers():
+                return pid
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"no new lazysnap daemon after {old_pid} within {timeout} s")
+            time.sleep(0.05)
+
+    def signal_daemon(self, signum: int) -> int:
+        """Send `signum` to the daemon itself (not its supervisor); the pid signalled."""
+        pid = self.daemon_pid()
+        assert pid is not None, "no daemon holds the state root"
+        os.kill(pid, signum)
+        return pid
+
     def wait_exit(self, timeout: float = 15) -> int:
         """Wait for the process to exit by itself (a failpoint's kill, a signal sent by the test)."""
         assert self.service.proc is not None
@@ -147,6 +179,14 @@ class Lazysnap:
         assert dirs == ids, (
             f"directories without a record: {sorted(dirs - ids)}; records without one: {sorted(ids - dirs)}"
         )
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
 
 
 class SnapshotsClient:
