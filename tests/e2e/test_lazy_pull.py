@@ -234,6 +234,10 @@ def test_systemd_unit_verifies(tmp_path: Path) -> None:
         pytest.skip("systemd-analyze is not installed")
     unit = (Path(__file__).resolve().parents[2] / "systemd" / "lazysnap.service").read_text()
     assert "Type=notify" in unit and "Before=containerd.service" in unit
+    settings = dict(line.split("=", 1) for line in unit.splitlines() if "=" in line and line[:1] != "#")
+    # the daemon's FUSE descriptor survives its restarts; its successor may notify; reload upgrades
+    assert int(settings["FileDescriptorStoreMax"]) > 0 and settings["NotifyAccess"] == "all"
+    assert settings["ExecReload"] == "/bin/kill -HUP $MAINPID" and settings["Restart"] == "always"
     local = tmp_path / "lazysnap.service"
     local.write_text(unit.replace("/usr/local/bin/lazysnap", str(Path(sys.executable).parent / "lazysnap")))
     p = subprocess.run(["systemd-analyze", "verify", str(local)], capture_output=True, text=True)
