@@ -237,6 +237,8 @@ class LazyFS(pyfuse3.Operations):
 
     async def readdir(self, fh, start_id, token):
         if fh == pyfuse3.ROOT_INODE:
+            for _name, arrived in list(self._coming.values()):  # the listing includes layers restored
+                await arrived.wait()
             entries = [(name, self._by_name[name], ROOT) for name in sorted(self._by_name)]
             for i in range(start_id, len(entries)):
                 name, m, local = entries[i]

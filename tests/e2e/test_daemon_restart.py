@@ -10,6 +10,7 @@ import hashlib
 import json
 import os
 import signal
+import subprocess
 import threading
 import time
 import urllib.request
@@ -27,9 +28,9 @@ from tests.harness.containerd import Containerd
 from tests.harness.containers import BUSYBOX, RUNTIME_PATHS, container_tree
 from tests.harness.procs import free_port
 from tests.harness.registry import Registry
-from tests.harness.snapshotter import Lazysnap
+from tests.harness.snapshotter import Lazysnap, lazysnap_command
 
-from .test_lazy_pull import PLUGIN, accelerate, rpull
+from .test_lazy_pull import PLUGIN, accelerate, layer_bytes, rpull
 
 FILES, FILE_SIZE = 24, 256 << 10
 # Each pass checksums every data file and appends one line per file to /out/reads.
@@ -133,7 +134,9 @@ class Load:
     def _read_loop(self) -> None:
         mnt = self.snapshotter.root / "mnt"
         layers = [p for p in mnt.iterdir() if (p / "data").is_dir()]
-        assert layers, f"no layer with data/ under {mnt}: {sorted(os.listdir(mnt))}"
+        assert layers, f"no layer with data/ under {mnt}: {sorted(os.listdir(mnt))} " + "\n".join(
+            line for line in self.snapshotter.log().splitlines() if "rpc" not in line
+        )[-3000:]
         paths = sorted((layers[0] / "data").iterdir())
         i = 0
         while not self._stop.is_set():
@@ -178,7 +181,7 @@ class Load:
     def blocked(self, start: float, end: float) -> float:
         """The longest host read that was waiting at some point between `start` and `end`."""
         waiting = [d for s, d, _ in self.timings if s <= end and s + d >= start]
-        assert waiting, "no host read overlapped the restart"
+        assert waiting, f"no host read overlapped the restart: {[t for t in self.timings if t[2]][:3]}"
         return max(waiting)
 
 
@@ -238,9 +241,16 @@ def test_container_reads_through_sigkills_of_the_daemon(
     old = snapshotter.signal_daemon(signal.SIGKILL)
     snapshotter.wait_new_daemon(old)
     registry.recorder.delay = 0
+    opened = os.open(next((snapshotter.root / "mnt").glob("*/data/f07")), os.O_RDONLY)
     blocked = []
-    for _ in range(4):
-        blocked.append(restart_and_measure(load, snapshotter, signal.SIGKILL))
+    try:
+        for _ in range(4):  # a file opened before the crashes stays readable through them
+            blocked.append(restart_and_measure(load, snapshotter, signal.SIGKILL))
+            Path("/proc/sys/vm/drop_caches").write_text("3")
+            digest = hashlib.sha256(os.pread(opened, FILE_SIZE, 0)).hexdigest()
+            assert digest == expected["/data/f07"]
+    finally:
+        os.close(opened)
     lines = load.finish()
     assert len(lines) >= 5 * FILES
     log = snapshotter.log()
@@ -274,6 +284,38 @@ def test_graceful_restart_upgrade_and_registry_down(
         f"\nrestart {restarted:.3f} s, upgrades {[round(u, 3) for u in upgraded]} s, offline {offline:.3f} s"
     )
     assert max(upgraded) < 2 and restarted < 5 and offline < 5
+
+
+def test_background_fetch_resumes_after_a_crash(
+    registry: Registry, snapshotter_factory, containerd_factory, workdir: Path
+) -> None:
+    """The background fetch, killed half-way, goes on in the next daemon from what is cached: every
+    layer ends local, and the registry sent each byte about once."""
+    snapshotter = supervised(snapshotter_factory, workdir, background_rate="1MB")
+    containerd = containerd_factory(snapshotter_socket=snapshotter.address)
+    image, _ = data_image()
+    ref = accelerate(registry, "restart/background", image)
+    rpull(containerd, ref)
+
+    def fetched() -> float:
+        command = [*lazysnap_command(), "status", "--root", str(snapshotter.root), "--json"]
+        shown = subprocess.run(command, capture_output=True, text=True, timeout=30)
+        if shown.returncode != 0:  # the daemon is restarting
+            return -1.0
+        return min(layer["fetched"] for layer in json.loads(shown.stdout)["layers"])
+
+    deadline = time.monotonic() + 60
+    while not 0.3 < fetched() < 0.8:  # 3 s after the mount, then 1 MB/s
+        assert time.monotonic() < deadline, "the background fetch did not get half-way"
+        time.sleep(0.2)
+    before, total = layer_bytes(registry, ref)
+    snapshotter.wait_new_daemon(snapshotter.signal_daemon(signal.SIGKILL))
+    deadline = time.monotonic() + 60
+    while fetched() < 1.0:
+        assert time.monotonic() < deadline, "the background fetch did not finish after the restart"
+        time.sleep(0.5)
+    sent, _ = layer_bytes(registry, ref)
+    assert 0 < before < total and sent < total * 1.2, (before, sent, total)
 
 
 def test_a_lost_connection_is_reported_and_later_containers_work(

@@ -301,7 +301,16 @@ def test_the_node_daemonset_runs_on_accelerated_nodes_with_fuse_and_shared_mount
     assert pod.get("hostPID") is False
     (container,) = pod["containers"]
     assert container["securityContext"]["privileged"] is True
-    assert container["command"] == ["lazysnap", "serve", "--config", "/etc/lazysnap/config.toml"]
+    # the daemon under `lazysnap supervise`, which keeps its FUSE descriptor across crashes
+    assert container["command"] == [
+        "lazysnap",
+        "supervise",
+        "--",
+        "lazysnap",
+        "serve",
+        "--config",
+        "/etc/lazysnap/config.toml",
+    ]
     assert container["readinessProbe"]["exec"]["command"] == ["lazysnap", "status", "--root", STATE_ROOT]
 
     volumes = {v["name"]: v for v in pod["volumes"]}
