@@ -162,6 +162,13 @@ def keep(root: Path, conn: Connection, device: str | None) -> bool:
     return kept
 
 
+def held() -> bool:
+    """Whether a service manager may hold our FUSE descriptor (then a stop leaves the mount to the next
+    daemon). It is the one that handed the descriptor over, or systemd with FileDescriptorStoreMax=;
+    a manager that silently keeps nothing costs only what a stop without a holder costs anyway."""
+    return bool(os.environ.get(sdnotify.NOTIFY_SOCKET))
+
+
 def forget() -> None:
     """The mount goes for good: the service manager need not keep the descriptor any more."""
     sdnotify.notify({"FDSTOREREMOVE": "1", "FDNAME": FDNAME})

@@ -101,7 +101,8 @@ class LazyRuntime:
         try:
             if conn is not None:
                 self.mount.adopt(conn)
-                self.adopted = self.kept = True  # whoever handed it over still holds a copy
+                self.adopted = True
+                self.kept = handover.held()
             else:
                 conn = self.mount.mount()
                 self.kept = handover.keep(self.root, conn, self.mount.device)

@@ -65,6 +65,9 @@ def status_document(lazy: Any, snapshotter: Any) -> dict:
             "root": str(lazy.root),
             "pid": os.getpid(),
             "data_path": "serving" if lazy.failure is None else f"stopped: {lazy.failure}",
+            # the FUSE mount across restarts (README, "Restart"): taken over from the previous
+            # daemon, kept by a descriptor holder for the next one, or why the previous one was lost
+            "fuse": {"adopted": lazy.adopted, "kept": lazy.kept, "lost": lazy.lost},
         },
         "snapshots": {"total": snapshotter.store.count(), "on_lazy_layers": sum(remote.values())},
         "layers": sorted(layers, key=lambda x: (x["image"] or "", x["name"])),
@@ -274,6 +277,13 @@ def summary_lines(doc: dict) -> list[str]:
         f"{human_size(f['bytes_background'])} in the background, {f['requests']} requests{hits}",
         f"full-pull fallbacks: {fallbacks}",
     ]
+    fuse = d.get("fuse")
+    if fuse:
+        kept = "kept for the next daemon" if fuse["kept"] else "ends with this daemon (no descriptor holder)"
+        taken = "taken over from the previous daemon, " if fuse["adopted"] else ""
+        lines.append(f"FUSE mount: {taken}{kept}")
+        if fuse["lost"]:
+            lines.append(f"previous FUSE mount lost: {fuse['lost']}")
     if errors:
         lines.append("errors: " + ", ".join(errors))
     return lines

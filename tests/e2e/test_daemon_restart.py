@@ -316,6 +316,10 @@ def test_background_fetch_resumes_after_a_crash(
         time.sleep(0.5)
     sent, _ = layer_bytes(registry, ref)
     assert 0 < before < total and sent < total * 1.2, (before, sent, total)
+    shown = subprocess.run(
+        [*lazysnap_command(), "status", "--root", str(snapshotter.root)], capture_output=True, text=True
+    )
+    assert "FUSE mount: taken over from the previous daemon, kept for the next daemon" in shown.stdout
 
 
 def test_a_lost_connection_is_reported_and_later_containers_work(

@@ -75,7 +75,16 @@ async def daemon_objects(tmp_path: Path, nursery: trio.Nursery):
     snapshotter = Snapshotter(root, index_off=False)
     snapshotter.prepare("k1")
     snapshotter.prepare("k2")
-    lazy = SimpleNamespace(root=root, layers=layers, fetcher=fetcher, cache=cache, failure=None)
+    lazy = SimpleNamespace(
+        root=root,
+        layers=layers,
+        fetcher=fetcher,
+        cache=cache,
+        failure=None,
+        adopted=True,
+        kept=True,
+        lost=None,
+    )
     return lazy, snapshotter
 
 
@@ -88,7 +97,12 @@ def command(argv: list[str]) -> argparse.Namespace:
 async def test_document_from_live_objects(tmp_path: Path, nursery) -> None:
     lazy, snapshotter = await daemon_objects(tmp_path, nursery)
     doc = status.status_document(lazy, snapshotter)
-    assert doc["daemon"] == {"root": str(lazy.root), "pid": os.getpid(), "data_path": "serving"}
+    assert doc["daemon"] == {
+        "root": str(lazy.root),
+        "pid": os.getpid(),
+        "data_path": "serving",
+        "fuse": {"adopted": True, "kept": True, "lost": None},
+    }
     assert doc["snapshots"] == {"total": 2, "on_lazy_layers": 0}
     [layer] = doc["layers"]
     assert layer["name"] == "sha256-aaaa" and layer["image"] == IMAGE and layer["refs"] == 2
