@@ -765,6 +765,8 @@ def extract_layers(blobs: Sequence[Path], dest: Path) -> None:
                 if (target.exists() or target.is_symlink()) and not (member.isdir() and target.is_dir()):
                     _remove(target)
                 tar.extract(member, dest, numeric_owner=True, **trusted)
+                if member.issym():  # tarfile leaves a symlink's mtime at extraction time
+                    os.utime(target, (member.mtime, member.mtime), follow_symlinks=False)
 
 
 # --- built images ---------------------------------------------------------------------------------

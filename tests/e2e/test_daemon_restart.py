@@ -134,9 +134,10 @@ class Load:
     def _read_loop(self) -> None:
         mnt = self.snapshotter.root / "mnt"
         layers = [p for p in mnt.iterdir() if (p / "data").is_dir()]
-        assert layers, f"no layer with data/ under {mnt}: {sorted(os.listdir(mnt))} " + "\n".join(
-            line for line in self.snapshotter.log().splitlines() if "rpc" not in line
-        )[-3000:]
+        assert layers, (
+            f"no layer with data/ under {mnt}: {sorted(os.listdir(mnt))} "
+            + "\n".join(line for line in self.snapshotter.log().splitlines() if "rpc" not in line)[-3000:]
+        )
         paths = sorted((layers[0] / "data").iterdir())
         i = 0
         while not self._stop.is_set():

@@ -240,6 +240,9 @@ async def test_pull_through_mirror(registry_factory: Callable[..., Registry], wo
         layer = resolved.layers[0]["digest"]
         blob = image.layers[0].blob("gzip")
         assert await client.read_range(resolved.reference, layer, 0, len(blob)) == blob
+        deadline = time.monotonic() + 10  # the registry writes its access log line after answering
+        while not mirror.blob_gets(layer) and time.monotonic() < deadline:
+            await trio.sleep(0.05)
         assert mirror.blob_gets(layer), "the blob was read through the mirror"
         # the recorder in front of the origin sees only clients that bypass the mirror (the mirror
         # itself talks to the origin's own port)
