@@ -10,6 +10,8 @@
 #   make bench-fuse       lazysnap mount vs native ext4 (about 3 minutes, root)
 #   make bench-index      index build time and memory for a 100,000-entry TOC
 #   make bench-snapshotter  snapshots service RPC latency (1,000 snapshots, 50 callers), full pull vs overlayfs
+#   make bench-restart    how long readers of lazy files pause when the daemon is killed, restarted or
+#                         upgraded in place (about 3 minutes, root)
 #   make bench-startup    time to ready of realistic images: full pull vs lazysnap (plain and optimized),
 #                         100 Mbit/s, 3 repeats (the full matrix: 20-30 minutes with image builds)
 SHELL := /bin/bash
@@ -23,7 +25,7 @@ STAMP  := $(VENV)/.installed
 PYTEST := $(PY) -m pytest
 
 .PHONY: test demo unit integration e2e deps bench-deps system-deps proto lint clean bench-startup bench-registry bench-convert bench-fuse \
-        bench-index bench-snapshotter
+        bench-index bench-snapshotter bench-restart
 
 test: deps
 	$(PYTEST) tests
@@ -48,6 +50,9 @@ bench-startup: bench-deps
 	$(PY) -m bench.harness --images python-numpy,python-numpy-umoci,python-scipy,jre,gcc,node,big-app \
 	    --modes overlayfs,lazysnap,lazysnap-optimized --peer auto --converters lazysnap,ctr-remote \
 	    --repeat 3 --rate 100mbit --out bench/results/startup
+
+bench-restart: deps
+	$(PY) -m bench.restart --repeat 10 --out bench/results/restart
 
 unit: deps
 	$(PYTEST) tests/unit
