@@ -18,7 +18,7 @@ SHELL := /bin/bash
 .DEFAULT_GOAL := test
 
 APT_PACKAGES := containerd runc fuse3 libfuse3-dev pkg-config docker-registry stargz-snapshotter \
-                skopeo umoci busybox-static iproute2 gcc libc6-dev zlib1g-dev pigz
+                skopeo umoci busybox-static iproute2 gcc libc6-dev zlib1g-dev pigz flatbuffers-compiler
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed

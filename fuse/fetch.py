@@ -56,9 +56,9 @@ from dataclasses import dataclass, field
 import trio
 
 from .cache import ChunkCache, LogThrottle
-from .formats import FormatError, Layer
+from .formats import Layer
 from .formats.index import ZEROS, Chunk, LayerIndex
-from .formats.reader import DECODE_LIMIT, decode_chunk, merge_spans
+from .formats.reader import DECODE_LIMIT, merge_spans
 
 log = logging.getLogger("lazysnap.fetch")
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, math.inf)
@@ -188,29 +188,6 @@ class _Pending:
 def _inflated(ix: LayerIndex, cid: int) -> int:
     """Bytes decoding a chunk inflates, as the TOC declares them: its inner offset, then its size."""
     return ix.c_inner[cid] + ix.c_size[cid]
-
-
-def _decode_members(
-    layer: Layer, start: int, data: bytes, members: list[Chunk]
-) -> dict[int, bytes | Exception]:
-    """Each chunk of a fetched range decoded and verified on its own (blocking: call from a thread):
-    its bytes, or the error that rejects it alone."""
-    what = layer.source.description
-    out: dict[int, bytes | Exception] = {}
-    for c in members:
-        if c.end - start > len(data):
-            out[c.id] = FormatError(
-                f"{what}: short read: chunk at {c.start} ends at {c.end}, the range from {start} "
-                f"came back with {len(data)} bytes"
-            )
-            continue
-        try:
-            out[c.id] = decode_chunk(
-                c, data[c.start - start : c.end - start], what, layer.allow_unverified_chunks
-            )
-        except Exception as e:  # FormatError, Unverified, MemoryError: this chunk only
-            out[c.id] = e
-    return out
 
 
 class Fetcher:
@@ -529,7 +506,7 @@ class Fetcher:
         members: list[Chunk],
     ) -> None:
         decoded = await trio.to_thread.run_sync(
-            _decode_members, handle.layer, start, data, members, limiter=DECODE_LIMIT
+            handle.layer.decode_members, start, data, members, limiter=DECODE_LIMIT
         )
         for cid, result in decoded.items():
             if isinstance(result, Exception):

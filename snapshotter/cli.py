@@ -1,6 +1,6 @@
 """The `lazysnap` command line's root: one subcommand per product (`serve`, `status`, `convert`,
-`convertd`, `webhook`, `mount`, `supervise`, `version`), each taking its arguments from, and running in,
-its own module."""
+`index`, `convertd`, `webhook`, `mount`, `supervise`, `version`), each taking its arguments from, and
+running in, its own module."""
 
 from __future__ import annotations
 
@@ -43,6 +43,12 @@ COMMANDS = [
         "snapshotter.webhook.server",
         "Kubernetes mutating admission webhook: pods start from accelerated images",
         None,
+    ),
+    (
+        "index",
+        "snapshotter.convert.index",
+        "build SOCI indexes of an image's gzip layers and publish them beside it (no conversion)",
+        "DESCRIPTION",
     ),
     ("mount", "snapshotter.mount", "mount an accelerated image read-only, lazily, without containerd", None),
     (

@@ -43,7 +43,9 @@ from .spec import NO_PREFETCH_LANDMARK, PREFETCH_LANDMARK
 
 ROOT = 1
 DIR, REG, SYMLINK, CHAR, BLOCK, FIFO = range(6)
-GZIP, ZSTD, ZEROS = range(3)  # how a chunk is stored
+# How a chunk is stored: in a gzip or zstd member of its own (or shared, at innerOffset), a run of
+# zeros, or inside a span of a plain gzip layer decoded from a checkpoint (fuse.formats.zranlayer)
+GZIP, ZSTD, ZEROS, ZRAN = range(4)
 KIND_NAMES = {"dir": DIR, "reg": REG, "symlink": SYMLINK, "char": CHAR, "block": BLOCK, "fifo": FIFO}
 WHITEOUT = ".wh."
 OPAQUE = ".wh..wh..opq"
@@ -55,7 +57,7 @@ _U32, _I64 = 1 << 32, 1 << 63  # ranges of TOC integer fields: [0, _U32) for _U3
 
 # The most bytes one compressed byte can inflate to: deflate emits at most 258 bytes per 2-bit code
 # (1032:1); a zstd block yields at most 128 KiB and an RLE block takes 4 bytes (32768:1).
-MAX_RATIO = {GZIP: 1032, ZSTD: 32768}
+MAX_RATIO = {GZIP: 1032, ZSTD: 32768, ZRAN: 1032}
 TAR_BLOCK = 512
 
 # Estimated bytes the index and its builder keep per inode / chunk / symlink / xattr map, on top of
@@ -635,8 +637,11 @@ class IndexBuilder:
     def finish_chunks(self) -> None:
         """Compressed span ends (endOffset where given, else the next member that starts after), and
         the geometry checks of `check_members`; a chunk alone in its member at innerOffset 0 (the
-        common case) is checked here."""
+        common case) is checked here. Spans of a plain gzip layer (ZRAN) hold many files' pieces and
+        the data of entries a later one replaced: their geometry is the checkpoint index's to check."""
         ix = self.ix
+        if self.storage == ZRAN:
+            return
         c_start, c_end, c_storage = ix.c_start, ix.c_end, ix.c_storage
         has_zeros = ZEROS in c_storage
         per_start = Counter(

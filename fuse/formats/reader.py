@@ -95,21 +95,33 @@ class Layer:
                     f"{end - start} bytes): the blob is truncated"
                 )
             decoded = await trio.to_thread.run_sync(
-                self._decode_group, start, data, members, limiter=DECODE_LIMIT
+                self.decode_members, start, data, members, limiter=DECODE_LIMIT
             )
-            out.update(decoded)
+            for cid, result in decoded.items():
+                if isinstance(result, Exception):
+                    raise result
+                out[cid] = result
         return out
 
-    def _decode_group(self, start: int, data: bytes, members: list[Chunk]) -> dict[int, bytes]:
-        return {
-            c.id: decode_chunk(
-                c,
-                data[c.start - start : c.end - start],
-                self.source.description,
-                self.allow_unverified_chunks,
-            )
-            for c in members
-        }
+    def decode_members(self, start: int, data: bytes, members: list[Chunk]) -> dict[int, bytes | Exception]:
+        """Each chunk of a range fetched from `start` decoded and verified on its own (blocking: call
+        from a thread): its bytes, or the error that rejects it alone."""
+        what = self.source.description
+        out: dict[int, bytes | Exception] = {}
+        for c in members:
+            if c.end - start > len(data):
+                out[c.id] = FormatError(
+                    f"{what}: short read: chunk at {c.start} ends at {c.end}, the range from {start} "
+                    f"came back with {len(data)} bytes"
+                )
+                continue
+            try:
+                out[c.id] = decode_chunk(
+                    c, data[c.start - start : c.end - start], what, self.allow_unverified_chunks
+                )
+            except Exception as e:  # FormatError, Unverified, MemoryError: this chunk only
+                out[c.id] = e
+        return out
 
     async def read(self, ino: int, offset: int, length: int) -> bytes:
         """Bytes [offset, offset+length) of a regular file (short at end of file)."""
