@@ -31,6 +31,8 @@ IN_HEADER = struct.Struct("<IIQQIIII")  # fuse_in_header: len, opcode, unique, n
 OUT_HEADER = struct.Struct("<IiQ")  # fuse_out_header: len, error, unique
 FUSE_INIT = 26
 FUSE_NOTIFY_RESEND = 7  # protocol 7.40, Linux 6.9: requests read but not answered are queued again
+RESEND_MINOR = 40  # the kernel's protocol minor from which it takes FUSE_NOTIFY_RESEND
+INIT_IN = struct.Struct("<II")  # fuse_init_in starts with the kernel's protocol major and minor
 REPLAY_UNIQUE = 1 << 62  # the kernel's request ids count up from 0: never this one
 READ_SIZE = (1 << 20) + 4096  # the kernel refuses reads smaller than max_write plus the headers
 MS_RDONLY, MS_NOSUID, MS_NODEV = 1, 2, 4
@@ -44,6 +46,13 @@ class Connection:
 
     fd: int
     init: bytes
+
+    @property
+    def resend_supported(self) -> bool:
+        """Whether the kernel takes FUSE_NOTIFY_RESEND (its INIT offers protocol 7.40 or later). Without
+        it, a request a dead server had read is never answered: its reader stays blocked."""
+        _major, minor = INIT_IN.unpack_from(self.init, IN_HEADER.size)
+        return minor >= RESEND_MINOR
 
     def alive(self) -> bool:
         """False once the kernel has aborted or ended the connection (the device then reports POLLERR)."""
@@ -95,7 +104,7 @@ def mount(mountpoint: Path | str, options: tuple[str, ...]) -> Connection:
 
 
 def _check_init(init: bytes) -> None:
-    if len(init) < IN_HEADER.size:
+    if len(init) < IN_HEADER.size + INIT_IN.size:
         raise OSError(errno.EPROTO, f"short FUSE_INIT request ({len(init)} bytes)")
     length, opcode, *_ = IN_HEADER.unpack_from(init)
     if opcode != FUSE_INIT or length != len(init):
@@ -129,7 +138,7 @@ class Feeder:
     def switch(self) -> None:
         os.dup2(self.conn.fd, self._fd, inheritable=False)
         self.switched = True
-        if self.adopting:
+        if self.adopting and self.conn.resend_supported:  # never on a new mount: INIT is in flight
             resend(self._fd)
 
 

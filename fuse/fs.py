@@ -64,7 +64,6 @@ class _Mounted:
     slot: int
     handle: LayerHandle
     refs: int = 1  # snapshots (or mounts) using the layer
-    open_files: int = 0
 
 
 class LazyFS(pyfuse3.Operations):
@@ -118,7 +117,7 @@ class LazyFS(pyfuse3.Operations):
         """A layer a previous process served is being restored: requests for it wait until `add_layer`
         (or `lose_layer`) instead of failing, so readers of a running container see a pause, not an
         error."""
-        self._coming[slot] = (name, trio.Event())
+        self._coming.setdefault(slot, (name, trio.Event()))  # readers may be waiting on it already
 
     def lose_layer(self, slot: int) -> None:
         """The layer expected at `slot` cannot be restored: its waiting and later requests fail with EIO."""
@@ -263,7 +262,6 @@ class LazyFS(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EINVAL)
         if self._opened is not None:
             self._opened.setdefault((m.name, m.handle.layer.index.path(local)), None)
-        m.open_files += 1
         return pyfuse3.FileInfo(fh=inode, keep_cache=True)
 
     async def read(self, fh, off, size):
@@ -291,9 +289,7 @@ class LazyFS(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EIO) from None
 
     async def release(self, fh):
-        m = self._by_slot.get(fh >> SLOT_SHIFT)
-        if m is not None:
-            m.open_files -= 1
+        pass  # file handles are inode numbers: nothing to free (and one opened by an earlier daemon)
 
     async def getxattr(self, inode, name, ctx):
         if inode == pyfuse3.ROOT_INODE:

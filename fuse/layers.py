@@ -153,35 +153,46 @@ class RemoteLayers:
         restored wait for it rather than fail."""
         self.dir.mkdir(mode=0o700, exist_ok=True)
         self._max_slot = max(self._max_slot, self._read_high_water())
-        metas = {}
+        metas: dict[str, tuple[int, dict]] = {}
         failed = []
         for name in sorted(refs):
             try:
-                metas[name] = json.loads((self.dir / name / "meta.json").read_text())
-                self.fs.expect_layer(name, int(metas[name]["slot"]))
+                meta = json.loads((self.dir / name / "meta.json").read_text())
+                slot = int(meta["slot"])
             except (OSError, ValueError, KeyError, TypeError) as e:
                 log.error("cannot restore remote layer %s: %s", name, e)
                 failed.append(name)
-        for name, meta in metas.items():
-            try:
-                footer = (self.dir / name / "footer").read_bytes()
-                toc = (self.dir / name / "toc").read_bytes()
-                ref = Reference.parse(meta["ref"])
-                source = RegistrySource(self.client, ref, meta["digest"], meta["size"])
-                layer = await layer_from_toc(source, footer, toc, meta["toc_digest"])
-                stored = {path: _Attrs(*attrs) for path, attrs in meta.get("inherited", {}).items()}
-                layer.index.inherit_implicit(stored.get)
-            except (OSError, ValueError, KeyError, TypeError, FormatError) as e:
-                log.error("cannot restore remote layer %s: %s", name, e)
-                self.fs.lose_layer(meta["slot"])
-                failed.append(name)
                 continue
-            entry = self._mount(name, meta["slot"], layer, ref, refs[name])
-            self._start_background(entry)
+            metas[name] = slot, meta
+            self.fs.expect_layer(name, slot)
+        try:
+            for name, (slot, meta) in metas.items():
+                try:
+                    entry = await self._restore_one(name, slot, meta, refs[name])
+                except Exception as e:  # whatever it is, this layer only: its readers get EIO
+                    log.error("cannot restore remote layer %s: %s: %s", name, type(e).__name__, e)
+                    self.fs.lose_layer(slot)
+                    failed.append(name)
+                    continue
+                self._start_background(entry)
+        finally:  # never leave a reader waiting for a layer nobody restores (cancelled, a bug)
+            for name, (slot, _meta) in metas.items():
+                if name not in self._layers:
+                    self.fs.lose_layer(slot)
         for stale in self.dir.iterdir() if self.dir.exists() else ():
             if stale.name not in refs and stale.name not in self._layers:
                 _remove_dir(stale)  # no snapshot uses it any more (a crash between release and delete)
         return failed
+
+    async def _restore_one(self, name: str, slot: int, meta: dict, refs: int) -> _Entry:
+        footer = (self.dir / name / "footer").read_bytes()
+        toc = (self.dir / name / "toc").read_bytes()
+        ref = Reference.parse(meta["ref"])
+        source = RegistrySource(self.client, ref, meta["digest"], meta["size"])
+        layer = await layer_from_toc(source, footer, toc, meta["toc_digest"])
+        stored = {path: _Attrs(*attrs) for path, attrs in meta.get("inherited", {}).items()}
+        layer.index.inherit_implicit(stored.get)
+        return self._mount(name, slot, layer, ref, refs)
 
     # --- lazy pulls ----------------------------------------------------------------------------
 

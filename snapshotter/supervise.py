@@ -25,6 +25,7 @@ import ctypes.util
 import errno
 import logging
 import os
+import platform
 import select
 import shutil
 import signal
@@ -40,7 +41,10 @@ log = logging.getLogger("lazysnap.supervise")
 
 PR_SET_CHILD_SUBREAPER = 36
 BURST, BURST_WINDOW, MAX_BACKOFF = 10, 10.0, 10.0  # more starts than BURST in BURST_WINDOW s back off
-SYS_KCMP, KCMP_FILE = 312, 0  # x86_64: the same open file description? (systemd's same_fd)
+# kcmp(2): the same open file description? (systemd's same_fd); its number differs per architecture
+KCMP_SYSCALLS = {"x86_64": 312, "aarch64": 272, "ppc64le": 354, "s390x": 343, "riscv64": 272}
+SYS_KCMP = KCMP_SYSCALLS.get(platform.machine())
+KCMP_FILE = 0
 _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
 
 
@@ -51,8 +55,14 @@ class Stored:
 
 
 def same_file(pid: int, a: int, b: int) -> bool:
-    """Whether fds `a` and `b` of process `pid` share one open file description (kcmp(2))."""
-    return _libc.syscall(SYS_KCMP, pid, pid, KCMP_FILE, a, b) == 0
+    """Whether fds `a` and `b` of process `pid` share one open file description (kcmp(2); where it is
+    unknown or forbidden, by device and inode: /dev/fuse copies then count as one, as they are here)."""
+    if SYS_KCMP is not None:
+        result = _libc.syscall(SYS_KCMP, pid, pid, KCMP_FILE, a, b)
+        if result >= 0:
+            return result == 0
+    sa, sb = os.fstat(a), os.fstat(b)
+    return (sa.st_dev, sa.st_ino, sa.st_rdev) == (sb.st_dev, sb.st_ino, sb.st_rdev)
 
 
 class Supervisor:
@@ -124,7 +134,8 @@ class Supervisor:
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD):
             signal.signal(sig, self._on_signal)
         signal.set_wakeup_fd(self._wake_w, warn_on_full_buffer=False)
-        _libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+        if _libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
+            log.warning("cannot become a child subreaper: an upgraded daemon would not be reaped here")
         self.start()
         deadline: float | None = None
         while True:
@@ -265,6 +276,8 @@ class Supervisor:
                 if pid != self.main_pid and pid > 0:
                     log.info("main process is now pid %d (was %s)", pid, self.main_pid)
                     self._watch(pid)
+                    if self.stopping:  # a stop during a hand-over is for the new main process too
+                        self._kill(signal.SIGINT)
         if fields.get("READY") == "1":
             log.info("service ready", extra={"fields": {"pid": self.main_pid}})
 

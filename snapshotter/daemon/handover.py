@@ -219,5 +219,6 @@ async def start_successor(conn: Connection) -> int | None:
     if code is None:
         proc.kill()
         code = proc.wait()
+    sdnotify.notify({"MAINPID": str(os.getpid())})  # it may have announced itself already: we still are
     log.error("upgrade abandoned: the successor did not become ready (exit %s); still serving", code)
     return None

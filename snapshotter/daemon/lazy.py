@@ -84,6 +84,7 @@ class LazyRuntime:
         self.adopted = False  # this process took over the previous daemon's live mount
         self.kept = False  # a descriptor holder keeps the mount alive when this process ends
         self.lost: str | None = None  # why the previous daemon's live mount could not be taken over
+        self.resend = True  # the kernel resends what a dead daemon left unanswered (fuse.connection)
 
     @property
     def failure(self) -> str | None:
@@ -108,6 +109,12 @@ class LazyRuntime:
                 self.kept = handover.keep(self.root, conn, self.mount.device)
         except MountFailed as e:
             raise StartupError(str(e)) from None
+        self.resend = conn.resend_supported
+        if self.kept and not self.resend:
+            log.error(
+                "this kernel lacks FUSE_NOTIFY_RESEND (Linux 6.9 or later): a read the daemon has taken "
+                "when it is killed stays blocked after the restart (planned stops wait for their reads)"
+            )
         await nursery.start(self.mount.serve)
         await nursery.start(self.layers.run)
         failed = await self.layers.restore(remote_refs)
@@ -125,7 +132,8 @@ class LazyRuntime:
         Otherwise in-flight requests get `STOP_GRACE` and the mount goes, holder or not."""
         if keep:  # the registry client stays open: handlers still running must not fail for it
             await self.cache.flush()
-            await self.mount.stop(KEEP_GRACE, keep=True)
+            # without FUSE_NOTIFY_RESEND nothing left unanswered would ever be answered: let it finish
+            await self.mount.stop(KEEP_GRACE if self.resend else STOP_GRACE, keep=True)
             return
         if self.kept:
             handover.forget()

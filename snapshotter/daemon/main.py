@@ -290,7 +290,9 @@ async def _run(config: Config, daemon: Daemon, runtime: list[LazyRuntime]) -> in
                 sdnotify.notify({"READY": "1"})
             except (StartupError, OSError) as e:
                 print(f"lazysnap serve: cannot start: {e}", file=sys.stderr)
-                await _shutdown(daemon, lazy)
+                # A mount taken over, or kept by a holder, stays for the next start: containers on it
+                # must not pay for this start's failure
+                await _shutdown(daemon, lazy, keep=lazy is not None and (lazy.adopted or lazy.kept))
                 nursery.cancel_scope.cancel()
                 return 1
             async for signum in signals:
@@ -303,7 +305,8 @@ async def _run(config: Config, daemon: Daemon, runtime: list[LazyRuntime]) -> in
                 keep = signum == signal.SIGHUP or (signum == signal.SIGTERM and lazy.kept)
                 log.info("%s received: stopping", signal.Signals(signum).name)
                 break
-            sdnotify.notify({"STOPPING": "1"})
+            if signum != signal.SIGHUP:  # after a hand-over the successor is the main process:
+                sdnotify.notify({"STOPPING": "1"})  # systemd would stop the unit, successor included
 
             async def report_more() -> None:
                 async for again in signals:

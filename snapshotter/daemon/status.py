@@ -67,7 +67,7 @@ def status_document(lazy: Any, snapshotter: Any) -> dict:
             "data_path": "serving" if lazy.failure is None else f"stopped: {lazy.failure}",
             # the FUSE mount across restarts (README, "Restart"): taken over from the previous
             # daemon, kept by a descriptor holder for the next one, or why the previous one was lost
-            "fuse": {"adopted": lazy.adopted, "kept": lazy.kept, "lost": lazy.lost},
+            "fuse": {"adopted": lazy.adopted, "kept": lazy.kept, "lost": lazy.lost, "resend": lazy.resend},
         },
         "snapshots": {"total": snapshotter.store.count(), "on_lazy_layers": sum(remote.values())},
         "layers": sorted(layers, key=lambda x: (x["image"] or "", x["name"])),
@@ -284,6 +284,8 @@ def summary_lines(doc: dict) -> list[str]:
         lines.append(f"FUSE mount: {taken}{kept}")
         if fuse["lost"]:
             lines.append(f"previous FUSE mount lost: {fuse['lost']}")
+        if not fuse.get("resend", True):
+            lines.append("kernel lacks FUSE_NOTIFY_RESEND (Linux 6.9+): a crash can leave a read blocked")
     if errors:
         lines.append("errors: " + ", ".join(errors))
     return lines

@@ -84,6 +84,7 @@ async def daemon_objects(tmp_path: Path, nursery: trio.Nursery):
         adopted=True,
         kept=True,
         lost=None,
+        resend=True,
     )
     return lazy, snapshotter
 
@@ -101,7 +102,7 @@ async def test_document_from_live_objects(tmp_path: Path, nursery) -> None:
         "root": str(lazy.root),
         "pid": os.getpid(),
         "data_path": "serving",
-        "fuse": {"adopted": True, "kept": True, "lost": None},
+        "fuse": {"adopted": True, "kept": True, "lost": None, "resend": True},
     }
     assert doc["snapshots"] == {"total": 2, "on_lazy_layers": 0}
     [layer] = doc["layers"]

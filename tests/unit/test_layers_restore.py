@@ -1,0 +1,95 @@
+"""RemoteLayers.restore after a restart: requests for a layer wait while it is restored (a taken-over
+mount is served at once), and a layer that cannot be restored (a damaged record, a damaged TOC) fails
+its readers with EIO instead of leaving them waiting; the other layers are served."""
+
+from __future__ import annotations
+
+import errno
+import json
+from pathlib import Path
+
+import pyfuse3
+import trio
+
+from fuse.cache import ChunkCache
+from fuse.fetch import Fetcher, FetchOptions
+from fuse.formats import BytesSource, fetch_toc
+from fuse.fs import SLOT_SHIFT, LazyFS
+from fuse.layers import RemoteLayers
+from snapshotter.convert.writer import convert_bytes
+from tests.harness import images as im
+from tests.harness.registry import anonymous_client
+
+
+def record(root: Path, name: str, meta: dict, footer: bytes, toc: bytes) -> None:
+    d = root / "layers" / name
+    d.mkdir(parents=True)
+    (d / "footer").write_bytes(footer)
+    (d / "toc").write_bytes(toc)
+    (d / "meta.json").write_text(json.dumps(meta))
+
+
+async def test_restore_serves_good_layers_and_fails_the_others_with_eio(tmp_path: Path) -> None:
+    layer = im.Layer([im.File("hello", b"hi\n"), im.File("dir/data", b"x" * 100)])
+    blob, result = convert_bytes(layer.tar())
+    footer, toc = await fetch_toc(BytesSource(blob))
+    meta = {"ref": "127.0.0.1:1/r:v1", "digest": "sha256:" + "a" * 64, "size": len(blob)}
+    meta["toc_digest"] = result.toc_digest
+    root = tmp_path / "root"
+    record(root, "sha256-good", {**meta, "slot": 3}, footer, toc)
+    record(root, "sha256-badslot", {**meta, "slot": "x"}, footer, toc)
+    record(root, "sha256-badtoc", {**meta, "slot": 5}, footer, toc[:-7] + b"garbage")
+    cache = ChunkCache(tmp_path / "cache", 1 << 20, fsync=False)
+    fs = LazyFS(Fetcher(cache, FetchOptions()))
+    results: dict[str, object] = {}
+
+    async def lookup(name: str) -> None:
+        try:
+            results[name] = await fs.lookup(pyfuse3.ROOT_INODE, name.encode())
+        except pyfuse3.FUSEError as e:
+            results[name] = e.errno
+
+    async def getattr_of(slot: int) -> None:
+        try:
+            results[f"slot{slot}"] = await fs.getattr(slot << SLOT_SHIFT | 1)
+        except pyfuse3.FUSEError as e:
+            results[f"slot{slot}"] = e.errno
+
+    refs = {"sha256-good": 1, "sha256-badslot": 1, "sha256-badtoc": 1}
+    async with anonymous_client() as client:
+        layers = RemoteLayers(root, root / "mnt", fs, fs.fetcher, client, background=False)
+        with trio.fail_after(10):
+            async with trio.open_nursery() as nursery:
+                fs.expect_layer("sha256-good", 3)  # what restore() announces first, before any reader
+                fs.expect_layer("sha256-badtoc", 5)
+                nursery.start_soon(getattr_of, 3)  # readers of a taken-over mount, arriving at once
+                nursery.start_soon(getattr_of, 5)
+                nursery.start_soon(lookup, "sha256-good")
+                await trio.sleep(0.1)
+                assert results == {}  # waiting for their layers, not failing
+                failed = await layers.restore(refs)
+    assert sorted(failed) == ["sha256-badslot", "sha256-badtoc"]
+    assert results["slot3"].st_ino == results["sha256-good"].st_ino == 3 << SLOT_SHIFT | 1
+    assert results["slot5"] == errno.EIO  # the damaged layer's readers fail, they do not hang
+
+
+async def test_a_cancelled_restore_leaves_no_reader_waiting(tmp_path: Path) -> None:
+    layer = im.Layer([im.File("hello", b"hi\n")])
+    blob, result = convert_bytes(layer.tar())
+    footer, toc = await fetch_toc(BytesSource(blob))
+    meta = {"ref": "127.0.0.1:1/r:v1", "digest": "sha256:" + "b" * 64, "size": len(blob)}
+    root = tmp_path / "root"
+    record(root, "sha256-one", {**meta, "toc_digest": result.toc_digest, "slot": 7}, footer, toc)
+    fs = LazyFS(Fetcher(ChunkCache(tmp_path / "cache", 1 << 20, fsync=False), FetchOptions()))
+    got: list[object] = []
+    async with anonymous_client() as client:
+        layers = RemoteLayers(root, root / "mnt", fs, fs.fetcher, client, background=False)
+        with trio.CancelScope() as scope:
+            scope.cancel()  # the restore is cancelled at its first checkpoint
+            await layers.restore({"sha256-one": 1})
+        with trio.fail_after(5):
+            try:
+                got.append(await fs.getattr(7 << SLOT_SHIFT | 1))
+            except pyfuse3.FUSEError as e:
+                got.append(e.errno)
+    assert got == [errno.EIO]
