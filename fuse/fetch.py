@@ -56,7 +56,7 @@ from dataclasses import dataclass, field
 import trio
 
 from .cache import ChunkCache, LogThrottle
-from .formats import Layer
+from .formats import Layer, Unverified
 from .formats.index import ZEROS, Chunk, LayerIndex
 from .formats.reader import DECODE_LIMIT, merge_spans
 
@@ -163,6 +163,7 @@ class LayerHandle:
         self.layer, self.id, self.name, self.host = layer, layer_id, name, host
         self.cached = bytearray(len(layer.index.c_start))  # 1 = known to be in the cache
         self.closed = False
+        self.bad: str | None = None  # why the layer failed its final verification: every read fails
 
     @property
     def chunk_count(self) -> int:
@@ -227,6 +228,8 @@ class Fetcher:
         """Bytes of a file, for a FUSE read. Raises FetchTimeout when they are not there within
         read_timeout (one deadline for everything the read waits for), FormatError for a chunk that
         does not decompress or verify."""
+        if handle.bad is not None:
+            raise Unverified(handle.bad)
         ix = handle.layer.index
         ids = ix.chunks_of(ino, offset, length)
         if not ids:

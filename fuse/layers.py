@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import dataclasses
 import errno
+import functools
+import hashlib
 import json
 import logging
 import os
@@ -44,15 +46,22 @@ from fuse.formats import (
 )
 from fuse.formats.annotations import expected_toc_digest
 from fuse.formats.index import DIR, ROOT, LayerIndex
+from fuse.formats.spec import ANNOTATION_LAYER_DIGEST, GZIP_LAYER_TYPES, SOCI_INDEX_V1
+from fuse.formats.zranlayer import ZranLayer, open_zran_layer
+from fuse.formats.ztoc import MAX_ZTOC_BYTES, parse_ztoc, stream_ztoc
 from fuse.fs import LazyFS
 from fuse.registry import Reference, RegistryClient, RegistryError
 from fuse.registry import manifests as mf
+from fuse.registry.referrers import referrers
 
 log = logging.getLogger("lazysnap.remote")
 
 MAX_AHEAD = 128  # layers opened ahead from one request (images have far fewer)
 AHEAD_KEEP = 120.0  # seconds a layer opened ahead waits for its own Prepare before it is dropped
 _DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
+ZRAN_KIND = "zran"  # a stored layer record whose `toc` is a SOCI zTOC (a plain gzip layer)
+SOCI_LOOKUP = 5.0  # seconds to find an image's SOCI index before its plain layers are pulled in full
+SOCI_RETRY = 300.0  # seconds an image's lookup (found or not) is kept
 SLOTS_FILE = "slots"  # in the state root: the highest slot ever given (slots are never reused)
 
 
@@ -91,10 +100,11 @@ class _Ahead:
 @dataclass(frozen=True)
 class _Toc:
     desc: dict
-    expected: str
+    expected: str  # digest of `toc`
     footer: bytes
-    toc: bytes
+    toc: bytes  # the verified TOC, or a plain gzip layer's zTOC (kind ZRAN_KIND)
     layer: Layer
+    kind: str = "toc"
 
 
 @dataclass
@@ -128,6 +138,9 @@ class RemoteLayers:
         self._opening: dict[str, trio.Event] = {}
         self._manifests: dict[str, dict] = {}
         self._manifest_loading: dict[str, trio.Event] = {}
+        self._manifest_digests: dict[str, str] = {}  # the digest of each cached manifest
+        self._soci: dict[str, dict[str, dict]] = {}  # image -> its layers' zTOC descriptors (maybe none)
+        self._soci_loading: dict[str, trio.Event] = {}
         self._ahead: dict[str, _Ahead] = {}  # layers opened ahead of their Prepare, by name
         self.fallbacks: Counter[str] = Counter()
         self._nursery: trio.Nursery | None = None
@@ -189,7 +202,12 @@ class RemoteLayers:
         toc = (self.dir / name / "toc").read_bytes()
         ref = Reference.parse(meta["ref"])
         source = RegistrySource(self.client, ref, meta["digest"], meta["size"])
-        layer = await layer_from_toc(source, footer, toc, meta["toc_digest"])
+        if meta.get("kind") == ZRAN_KIND:
+            if _sha256(toc) != meta["toc_digest"]:
+                raise FormatError(f"{name}: its stored zTOC does not match its digest {meta['toc_digest']}")
+            layer = await _zran_layer(source, toc, meta["size"])
+        else:
+            layer = await layer_from_toc(source, footer, toc, meta["toc_digest"])
         stored = {path: _Attrs(*attrs) for path, attrs in meta.get("inherited", {}).items()}
         layer.index.inherit_implicit(stored.get)
         return self._mount(name, slot, layer, ref, refs)
@@ -280,9 +298,14 @@ class RemoteLayers:
         try:
             desc = await self._descriptor(req)
             expected = req.toc_digest or expected_toc_digest(desc.get("annotations"))
-            if expected is None:
-                raise Fallback("not-lazy", f"{what}: no TOC digest (not an accelerated layer)")
             source = RegistrySource(self.client, req.ref, req.digest, desc["size"])
+            if expected is None:
+                found = await self._zran(req, desc, source)
+                if found is None:
+                    raise Fallback(
+                        "not-lazy", f"{what}: no TOC digest (not an accelerated layer) and no SOCI index"
+                    )
+                return found
             footer, toc = await fetch_toc(source)
             layer = await layer_from_toc(source, footer, toc, expected)
         except NotLazy as e:
@@ -310,7 +333,7 @@ class RemoteLayers:
             )
         slot = self._next_slot()
         await trio.to_thread.run_sync(
-            self._store, name, req, desc["size"], expected, slot, footer, toc, inherited
+            self._store, name, req, desc["size"], expected, slot, footer, toc, inherited, got.kind
         )
         entry = self._mount(name, slot, layer, req.ref, 0)
         self._start_background(entry)
@@ -322,6 +345,74 @@ class RemoteLayers:
             slot,
         )
         return entry
+
+    async def _zran(self, req: LayerRequest, desc: dict, source: RegistrySource) -> _Toc | None:
+        """A plain gzip layer served from the SOCI index published beside its image (`lazysnap
+        index`), found among the referrers of the image manifest; None when there is none. Trust: the
+        image manifest (by the digest in CRI's labels, or the reference as resolved for ctr-remote's;
+        either way one that lists this layer digest) -> the SOCI index
+        manifest (listed as its referrer, fetched by digest and checked) -> the zTOC (by its digest in
+        that manifest, checked) -> each span's compressed bytes (their sha256 in the zTOC) ->
+        `_verify_zran`, once the layer is local: the whole blob against the layer digest, the zTOC
+        rebuilt from it and compared."""
+        key = f"{req.ref.name}@{req.manifest_digest}" if req.manifest_digest else str(req.ref)
+        manifest_digest = self._manifest_digests.get(key)  # set by _descriptor
+        if desc.get("mediaType") not in GZIP_LAYER_TYPES or manifest_digest is None:
+            return None
+        d = (await self._soci_ztocs(req, manifest_digest)).get(req.digest)
+        if d is None:
+            return None
+        what = f"{req.ref} layer {req.digest}"
+        digest, size = d.get("digest"), d.get("size")
+        if not (isinstance(digest, str) and _DIGEST.fullmatch(digest)) or not (
+            isinstance(size, int) and 0 < size <= MAX_ZTOC_BYTES
+        ):
+            raise Fallback("soci", f"{what}: its SOCI index lists a zTOC of {size!r} bytes at {digest!r}")
+        blob = await RegistrySource(self.client, req.ref, digest, size).read(0, size)
+        if _sha256(blob) != digest:
+            raise Fallback("soci", f"{what}: its zTOC does not match its digest {digest}")
+        layer = await _zran_layer(source, blob, desc["size"])
+        return _Toc(desc, digest, b"", blob, layer, ZRAN_KIND)
+
+    async def _soci_ztocs(self, req: LayerRequest, manifest_digest: str) -> dict[str, dict]:
+        """Layer digest -> zTOC descriptor, from the first SOCI index among the referrers of the image
+        manifest; {} when there is none or it cannot be read within SOCI_LOOKUP (then it is not
+        asked again for SOCI_RETRY seconds; every layer of the image shares one lookup)."""
+        key = f"{req.ref.name}@{manifest_digest}"
+        while key in self._soci_loading:
+            await self._soci_loading[key].wait()
+        cached = self._soci.get(key)
+        if cached is not None:
+            return cached
+        self._soci_loading[key] = trio.Event()
+        found: dict[str, dict] = {}
+        try:
+            with trio.move_on_after(SOCI_LOOKUP):
+                found = await self._read_soci(req, manifest_digest)
+        except (RegistryError, ValueError, KeyError, TypeError) as e:
+            log.info("no usable SOCI index for %s: %s", key, e)
+        finally:
+            self._soci[key] = found
+            self._soci_loading.pop(key).set()
+        if self._nursery is not None:
+            self._nursery.start_soon(self._forget_soci, key)
+        return found
+
+    async def _read_soci(self, req: LayerRequest, manifest_digest: str) -> dict[str, dict]:
+        listed = await referrers(self.client, req.ref, manifest_digest, artifact_type=SOCI_INDEX_V1)
+        if not listed:
+            return {}
+        body, _kind, _digest = await self.client.get_manifest(req.ref.with_digest(listed[0]["digest"]))
+        doc = json.loads(body)
+        return {
+            layer["annotations"][ANNOTATION_LAYER_DIGEST]: layer
+            for layer in doc.get("layers", [])
+            if isinstance(layer, dict) and ANNOTATION_LAYER_DIGEST in (layer.get("annotations") or {})
+        }
+
+    async def _forget_soci(self, key: str) -> None:
+        await trio.sleep(SOCI_RETRY)  # an index published later is found by later pulls
+        self._soci.pop(key, None)
 
     async def _descriptor(self, req: LayerRequest) -> dict:
         """The layer's descriptor in its image manifest (size, annotations), the manifest cached."""
@@ -335,12 +426,17 @@ class RemoteLayers:
                 if req.manifest_digest:
                     body, kind, _ = await self.client.get_manifest(req.ref.with_digest(req.manifest_digest))
                     manifest, _ = mf.parse(body, kind, key)
-                else:
-                    manifest = (await self.client.resolve(req.ref)).manifest
+                    self._manifest_digests[key] = req.manifest_digest
+                else:  # ctr-remote's labels name no manifest: the reference's, as containerd resolved it
+                    resolved = await self.client.resolve(req.ref)
+                    manifest = resolved.manifest
+                    self._manifest_digests[key] = resolved.digest
             finally:
                 self._manifest_loading.pop(key).set()
             if len(self._manifests) >= 256:  # a bounded cache: forget the oldest
-                del self._manifests[next(iter(self._manifests))]
+                oldest = next(iter(self._manifests))
+                del self._manifests[oldest]
+                self._manifest_digests.pop(oldest, None)
             self._manifests[key] = manifest
         for desc in manifest.get("layers", []):
             if desc.get("digest") == req.digest:
@@ -357,6 +453,7 @@ class RemoteLayers:
         footer: bytes,
         toc: bytes,
         inherited: dict[str, list[int]],
+        kind: str = "toc",
     ) -> None:
         d = self.dir / name
         d.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -367,6 +464,7 @@ class RemoteLayers:
             "toc_digest": toc_digest,
             "slot": slot,
             "inherited": inherited,  # attributes implicit directories took from the layers below
+            "kind": kind,  # "toc" (eStargz, zstd:chunked) or ZRAN_KIND (`toc` holds the zTOC)
         }
         for fname, data in (("footer", footer), ("toc", toc), ("meta.json", json.dumps(meta).encode())):
             tmp = d / f".{fname}.tmp"
@@ -390,11 +488,39 @@ class RemoteLayers:
                 await self.fetcher.prefetch(entry.handle)
                 if self.background:
                     await self.fetcher.background(entry.handle)
+                    if isinstance(entry.handle.layer, ZranLayer):
+                        await self._verify_zran(entry)
             except Exception as e:  # the on-demand path reports and retries; background just stops
                 log.warning("background fetch of %s stopped: %s", entry.name, e)
 
         if self._nursery is not None:
             self._nursery.start_soon(fetch)
+
+    async def _verify_zran(self, entry: _Entry) -> None:
+        """The last link of a plain layer's trust chain: the blob, streamed once more now that the
+        layer is local, must have the layer digest, and the zTOC rebuilt from it must equal the one
+        served (file list, offsets, checkpoints and their windows). Otherwise the layer is bad: its
+        reads fail with EIO from now on, and it is logged and counted."""
+        layer = entry.handle.layer
+        assert isinstance(layer, ZranLayer)
+        source, zindex = layer.source, layer.zindex
+        what = f"{entry.image} layer {entry.name}"
+        try:
+            rebuilt = await stream_ztoc(source, source.size, span_out=zindex.span_size, what=what)
+            digest = "sha256:" + (rebuilt.index.blob_digest or b"").hex()
+            if digest != source.digest:
+                raise Unverified(f"the blob has digest {digest}, not the layer's {source.digest}")
+            if rebuilt.index.to_bytes() != zindex.to_bytes():
+                raise Unverified("its zTOC's checkpoints are not the blob's")
+            if list(layer.entries) != list(rebuilt.entries):
+                raise Unverified("its zTOC's file list is not the blob's")
+        except (Unverified, FormatError) as e:
+            reason = f"{what}: {e}; the layer is bad, its files fail with EIO"
+            entry.handle.bad = reason
+            self.fallbacks["bad-index"] += 1
+            log.error("%s", reason)
+            return
+        log.info("verified plain layer %s against its digest and its zTOC", entry.name)
 
     def _next_slot(self) -> int:
         # Never reused while the mount lives, in this process or the next one that takes it over: the
@@ -612,3 +738,17 @@ def _remove_dir(d: Path) -> None:
         d.rmdir()
     except OSError:
         pass
+
+
+def _sha256(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+async def _zran_layer(source: RegistrySource, ztoc_blob: bytes, size: int) -> Layer:
+    what = source.description
+    parsed = await trio.to_thread.run_sync(functools.partial(parse_ztoc, ztoc_blob, what=f"{what} zTOC"))
+    if parsed.compressed_archive_size != size:
+        raise FormatError(
+            f"{what}: its zTOC describes {parsed.compressed_archive_size} bytes, the layer has {size}"
+        )
+    return await open_zran_layer(source, parsed.entries, parsed.index)

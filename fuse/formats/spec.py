@@ -16,6 +16,8 @@ FORMATS = (ESTARGZ, ESTARGZ_ZSTD, ZSTD_CHUNKED)
 # Layer media types (OCI) and the one each format is pushed with.
 MEDIA_TYPE_TAR = "application/vnd.oci.image.layer.v1.tar"
 MEDIA_TYPE_GZIP = "application/vnd.oci.image.layer.v1.tar+gzip"
+MEDIA_TYPE_DOCKER_GZIP = "application/vnd.docker.image.rootfs.diff.tar.gzip"
+GZIP_LAYER_TYPES = frozenset({MEDIA_TYPE_GZIP, MEDIA_TYPE_DOCKER_GZIP})
 MEDIA_TYPE_ZSTD = "application/vnd.oci.image.layer.v1.tar+zstd"
 MEDIA_TYPES = {ESTARGZ: MEDIA_TYPE_GZIP, ESTARGZ_ZSTD: MEDIA_TYPE_ZSTD, ZSTD_CHUNKED: MEDIA_TYPE_ZSTD}
 
@@ -58,3 +60,11 @@ FORMAT_ANNOTATIONS = frozenset(
         LEGACY_CHUNKED_POSITION,
     }
 )  # a converter drops these from a layer it rewrites
+
+# SOCI (AWS): an index of zTOCs beside an unchanged image, found as a referrer of its manifest
+SOCI_INDEX_V1 = "application/vnd.amazon.soci.index.v1+json"  # artifactType and config media type
+ZTOC_MEDIA_TYPE = "application/octet-stream"  # a zTOC blob (fuse.formats.ztoc)
+ANNOTATION_LAYER_DIGEST = "com.amazon.soci.image-layer-digest"  # on a zTOC: the layer it indexes
+ANNOTATION_LAYER_MEDIA_TYPE = "com.amazon.soci.image-layer-mediaType"
+ANNOTATION_SPAN_SIZE = "com.amazon.soci.span-size"
+ANNOTATION_BUILD_TOOL = "com.amazon.soci.build-tool-identifier"

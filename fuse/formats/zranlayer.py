@@ -106,9 +106,10 @@ def index_of(entries: Iterable[TarEntry], zindex: zran.Index, limits: Limits | N
 class ZranLayer(Layer):
     """A plain gzip layer read through its checkpoint index; chunks are slices of verified spans."""
 
-    def __init__(self, source: BlobSource, index: LayerIndex, zindex: zran.Index):
+    def __init__(self, source: BlobSource, index: LayerIndex, zindex: zran.Index, entries: tuple = ()):
         super().__init__(source, None, index, None)  # no footer, no TOC: the index is the zTOC's
         self.zindex = zindex
+        self.entries = entries  # as listed (the daemon compares them with the blob's, once local)
         self._span_of = {zindex.span_range(k)[0]: k for k in range(len(zindex.points))}
 
     @property
@@ -155,5 +156,6 @@ async def open_zran_layer(
     source: BlobSource, entries: Iterable[TarEntry], zindex: zran.Index, limits: Limits | None = None
 ) -> ZranLayer:
     """The layer, its index built off the trio loop (a zTOC may list a million entries)."""
-    index = await trio.to_thread.run_sync(index_of, list(entries), zindex, limits, limiter=DECODE_LIMIT)
-    return ZranLayer(source, index, zindex)
+    listed = tuple(entries)
+    index = await trio.to_thread.run_sync(index_of, listed, zindex, limits, limiter=DECODE_LIMIT)
+    return ZranLayer(source, index, zindex, listed)

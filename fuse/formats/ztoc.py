@@ -38,16 +38,19 @@ layer or the zTOC claims."""
 from __future__ import annotations
 
 import datetime as _dt
+import functools
 import re
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 import flatbuffers
+import trio
 
 from . import zran
 from .errors import FormatError
 from .index import DEFAULT_LIMITS, TAR_BLOCK, Limits
+from .source import BlobSource
 
 VERSION = "0.9"  # SOCI's only zTOC version (ztoc/ztoc.go Version09)
 BUILD_TOOL = "lazysnap"
@@ -795,3 +798,62 @@ def _read_entry(buf: _Buf, t, usize: int, what: str, limits: Limits) -> ZtocEntr
         devminor=devminor if kind in ("char", "block") else 0,
         xattrs=xattrs,
     )
+
+
+STREAM_PIECE = 8 << 20  # bytes of blob per read while streaming a layer
+STREAM_AHEAD = 2  # pieces read ahead of the inflater (memory: about STREAM_AHEAD + 2 pieces)
+
+
+async def stream_ztoc(
+    source: BlobSource,
+    size: int,
+    *,
+    span_out: int = zran.DEFAULT_SPAN_OUT,
+    what: str = "gzip layer",
+    limiter: trio.CapacityLimiter | None = None,
+) -> Ztoc:
+    """`build_ztoc` of a blob read from `source` once, in STREAM_PIECE reads made ahead by a task while
+    a thread inflates and parses. The caller checks `index.blob_digest` against the layer digest."""
+    send, recv = trio.open_memory_channel[bytes](STREAM_AHEAD)
+    token = trio.lowlevel.current_trio_token()
+    failure: list[BaseException] = []
+
+    async def produce() -> None:
+        async with send:
+            try:
+                for offset in range(0, size, STREAM_PIECE):
+                    await send.send(await source.read(offset, min(STREAM_PIECE, size - offset)))
+            except Exception as e:  # a registry failure: reported instead of the truncated stream
+                failure.append(e)
+
+    piece, pos = b"", 0
+
+    def read(n: int) -> bytes:
+        nonlocal piece, pos
+        while pos >= len(piece):
+            try:
+                piece, pos = trio.from_thread.run(recv.receive, trio_token=token), 0
+            except trio.EndOfChannel:
+                return b""
+        out = piece[pos : pos + n]
+        pos += len(out)
+        return out
+
+    result: Ztoc | FormatError | None = None
+    async with trio.open_nursery() as nursery:  # nothing raises in here: no exception groups
+        nursery.start_soon(produce)
+        try:
+            result = await trio.to_thread.run_sync(
+                functools.partial(build_ztoc, read, span_out=span_out, what=what), limiter=limiter
+            )
+        except FormatError as e:
+            result = e
+        finally:
+            nursery.cancel_scope.cancel()  # the reader, if the build ended before the blob did
+            recv.close()
+    if failure:
+        raise failure[0]
+    if isinstance(result, FormatError):
+        raise result
+    assert result is not None
+    return result

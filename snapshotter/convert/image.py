@@ -10,6 +10,7 @@ from fuse.formats.annotations import expected_toc_digest
 from fuse.formats.spec import (
     ESTARGZ,
     ESTARGZ_ZSTD,
+    MEDIA_TYPE_DOCKER_GZIP,
     MEDIA_TYPE_GZIP,
     MEDIA_TYPE_TAR,
     MEDIA_TYPE_ZSTD,
@@ -28,7 +29,7 @@ COMPRESSION_OF = {
     MEDIA_TYPE_GZIP: "gzip",
     MEDIA_TYPE_ZSTD: "zstd",
     "application/vnd.docker.image.rootfs.diff.tar": "none",
-    "application/vnd.docker.image.rootfs.diff.tar.gzip": "gzip",
+    MEDIA_TYPE_DOCKER_GZIP: "gzip",
 }
 FOREIGN = (
     "application/vnd.oci.image.layer.nondistributable.v1.tar",

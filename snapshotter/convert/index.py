@@ -26,8 +26,17 @@ from pathlib import Path
 
 import trio
 
+from fuse.formats import RegistrySource
 from fuse.formats import ztoc as ztoc_format
 from fuse.formats.errors import FormatError
+from fuse.formats.spec import (
+    ANNOTATION_BUILD_TOOL,
+    ANNOTATION_LAYER_DIGEST,
+    ANNOTATION_LAYER_MEDIA_TYPE,
+    ANNOTATION_SPAN_SIZE,
+    SOCI_INDEX_V1,
+    ZTOC_MEDIA_TYPE,
+)
 from fuse.registry import CredentialStore, HostsConfig, Platform, RegistryClient, RegistryError
 from fuse.registry import manifests as mf
 from fuse.registry.reference import Reference
@@ -37,17 +46,9 @@ from snapshotter.settings import size_arg
 
 DESCRIPTION = __doc__.split("\n\n")[0]
 
-SOCI_INDEX_V1 = "application/vnd.amazon.soci.index.v1+json"
-ZTOC_MEDIA_TYPE = "application/octet-stream"
 EMPTY_JSON = b"{}"
-ANNOTATION_LAYER_DIGEST = "com.amazon.soci.image-layer-digest"
-ANNOTATION_LAYER_MEDIA_TYPE = "com.amazon.soci.image-layer-mediaType"
-ANNOTATION_SPAN_SIZE = "com.amazon.soci.span-size"
-ANNOTATION_BUILD_TOOL = "com.amazon.soci.build-tool-identifier"
 DEFAULT_SPAN_OUT = 4 << 20  # SOCI's default span size
 DEFAULT_MIN_LAYER_SIZE = 10 << 20  # SOCI's defaultMinLayerSize
-FETCH_PIECE = 8 << 20  # bytes of blob per range request while streaming a layer
-FETCH_AHEAD = 2  # pieces fetched ahead of the inflater (memory: about (FETCH_AHEAD + 2) pieces a layer)
 
 
 class IndexError_(Exception):
@@ -180,7 +181,7 @@ async def _index_manifest(
     where = f"{ref.name}@{digest}" + (f" ({platform})" if platform else "")
     layers: list[LayerResult | None] = [None] * len(doc["layers"])
     ztocs: list[dict | None] = [None] * len(doc["layers"])
-    limiter = trio.CapacityLimiter(max(1, os.cpu_count() or 1))
+    limiter = trio.CapacityLimiter(max(1, os.cpu_count() or 1))  # layers indexed at once, one core each
 
     async def one(i: int, desc: dict) -> None:
         reason = _skip_reason(desc, min_layer_size)
@@ -190,11 +191,12 @@ async def _index_manifest(
         async with limiter:
             started = time.monotonic()
             try:
-                z = await _build_layer(client, ref.with_digest(digest), desc, span_out, limiter)
+                z = await _build_layer(client, ref.with_digest(digest), desc, span_out)
             except FormatError as e:
                 layers[i] = LayerResult(digest, desc["digest"], desc["size"], "skipped", f"cannot index: {e}")
                 return
-            blob = await trio.to_thread.run_sync(ztoc_format.to_bytes, z, limiter=limiter)
+            # threads of a layer holding its token of `limiter` take none of it again (a deadlock)
+            blob = await trio.to_thread.run_sync(ztoc_format.to_bytes, z)
             ztoc_digest = await client.push_blob(ref, blob)
             seconds = time.monotonic() - started
         ztocs[i] = {
@@ -261,58 +263,13 @@ def _skip_reason(desc: dict, min_layer_size: int) -> str:
     return ""
 
 
-async def _build_layer(
-    client: RegistryClient, ref: Reference, desc: dict, span_out: int, limiter: trio.CapacityLimiter
-) -> ztoc_format.Ztoc:
-    """The zTOC of one layer, streaming its blob once: a task fetches FETCH_PIECE ranges ahead while a
-    thread inflates and parses. The blob's sha256 and size must match the descriptor."""
+async def _build_layer(client: RegistryClient, ref: Reference, desc: dict, span_out: int) -> ztoc_format.Ztoc:
+    """The zTOC of one layer, streaming its blob once (`ztoc.stream_ztoc`). The blob's sha256 and size
+    must match the descriptor."""
     digest, size = desc["digest"], desc["size"]
     what = f"layer {digest} of {ref.name}"
-    send, recv = trio.open_memory_channel[bytes](FETCH_AHEAD)
-    token = trio.lowlevel.current_trio_token()
-    failure: list[BaseException] = []
-
-    async def produce() -> None:
-        async with send:
-            try:
-                for offset in range(0, size, FETCH_PIECE):
-                    await send.send(
-                        await client.read_range(ref, digest, offset, min(FETCH_PIECE, size - offset))
-                    )
-            except RegistryError as e:
-                failure.append(e)
-
-    piece, pos = b"", 0
-
-    def read(n: int) -> bytes:
-        nonlocal piece, pos
-        while pos >= len(piece):
-            try:
-                piece, pos = trio.from_thread.run(recv.receive, trio_token=token), 0
-            except trio.EndOfChannel:
-                return b""
-        out = piece[pos : pos + n]
-        pos += len(out)
-        return out
-
-    def build() -> ztoc_format.Ztoc:
-        return ztoc_format.build_ztoc(read, span_out=span_out, what=what)
-
-    result: ztoc_format.Ztoc | FormatError | None = None
-    async with trio.open_nursery() as nursery:  # nothing raises in here: no exception groups
-        nursery.start_soon(produce)
-        try:
-            result = await trio.to_thread.run_sync(build, limiter=limiter)
-        except FormatError as e:
-            result = e
-        finally:
-            nursery.cancel_scope.cancel()  # the fetcher, if the build ended before the blob did
-            recv.close()
-    if failure:  # a registry failure cuts the stream short: report it, not the truncated gzip
-        raise failure[0]
-    if isinstance(result, FormatError):
-        raise result
-    z = result
+    source = RegistrySource(client, ref, digest, size)
+    z = await ztoc_format.stream_ztoc(source, size, span_out=span_out, what=what)
     actual = "sha256:" + z.index.blob_digest.hex()
     if actual != digest or z.compressed_archive_size != size:
         raise IndexError_(

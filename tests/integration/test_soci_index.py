@@ -16,6 +16,7 @@ import pytest
 import trio
 
 from fuse.formats import zran, ztoc
+from fuse.formats.spec import ANNOTATION_LAYER_DIGEST, ANNOTATION_SPAN_SIZE, SOCI_INDEX_V1
 from fuse.registry import Reference
 from fuse.registry.referrers import fallback_tag, referrers
 from snapshotter.convert import index as index_cmd
@@ -82,19 +83,19 @@ async def test_index_publishes_a_soci_index_that_serves_every_file(
         tag_ref = Reference.parse(f"{registry.host}/app:{fallback_tag(digest)}")
         body, _, _ = await c.get_manifest(tag_ref)
         tag_index = json.loads(body)
-        assert [d["artifactType"] for d in tag_index["manifests"]] == [index_cmd.SOCI_INDEX_V1]
-        found = await referrers(c, ref, digest, index_cmd.SOCI_INDEX_V1)
+        assert [d["artifactType"] for d in tag_index["manifests"]] == [SOCI_INDEX_V1]
+        found = await referrers(c, ref, digest, SOCI_INDEX_V1)
         assert found == tag_index["manifests"]
         assert await referrers(c, ref, digest, "application/example") == []
 
         soci_ref = Reference.parse(ref).with_digest(found[0]["digest"])
         soci = json.loads((await c.get_manifest(soci_ref))[0])
         assert soci["subject"]["digest"] == digest
-        assert soci["config"]["mediaType"] == index_cmd.SOCI_INDEX_V1
+        assert soci["config"]["mediaType"] == SOCI_INDEX_V1
         (layer_desc,) = soci["layers"]  # the small layer was skipped
         annotations = layer_desc["annotations"]
-        assert annotations[index_cmd.ANNOTATION_LAYER_DIGEST] == big_digest
-        assert annotations[index_cmd.ANNOTATION_SPAN_SIZE] == str(512 << 10)
+        assert annotations[ANNOTATION_LAYER_DIGEST] == big_digest
+        assert annotations[ANNOTATION_SPAN_SIZE] == str(512 << 10)
 
         z = ztoc.parse_ztoc(await c.get_blob(soci_ref, layer_desc["digest"]), what="pushed zTOC")
         tar = img.layers[0].tar()
