@@ -39,6 +39,7 @@ class RepositoryRule:
     all_platforms: bool = False
     platform: str | None = None
     workload: str | None = None  # a command: converted with snapshotter.convert.optimize.optimize_image
+    mode: str = "convert"  # MODES: push <tag>_accelerated, publish a SOCI index beside it, or both
 
     def matches(self, repository: str) -> bool:
         return glob_regex(self.name).match(repository) is not None
@@ -53,6 +54,8 @@ class RepositoryRule:
         }
         if self.workload is not None:
             options["workload"] = self.workload
+        if self.mode != "convert":
+            options["mode"] = self.mode
         return options
 
 
@@ -152,7 +155,8 @@ _TOP_KEYS = {
     "repositories",
 }
 _RETRY_KEYS = {"attempts", "backoff", "max_backoff", "multiplier"}
-_REPO_KEYS = {"name", "format", "chunk_size", "level", "all_platforms", "platform", "workload"}
+_REPO_KEYS = {"name", "format", "chunk_size", "level", "all_platforms", "platform", "workload", "mode"}
+MODES = ("convert", "index", "both")  # a repository's pushes: converted, indexed (lazysnap index), or both
 
 
 def _check_keys(loader: _Loader, data: dict, known: set[str], table: str | None, index: int | None) -> None:
@@ -335,6 +339,10 @@ def _parse_rule(ld: _Loader, data: dict, i: int) -> RepositoryRule:
             raise ld.error(str(e), "platform", t, i) from None
         if values.get("all_platforms"):
             raise ld.error("give platform or all_platforms = true, not both", "platform", t, i)
+    if "mode" in data:
+        values["mode"] = _typed(ld, data, "mode", str, "a string", t, i)
+        if values["mode"] not in MODES:
+            raise ld.error(f"must be one of {', '.join(MODES)}", "mode", t, i)
     if "workload" in data:
         values["workload"] = _typed(ld, data, "workload", str, "a string", t, i)
         if not values["workload"].strip():

@@ -52,6 +52,8 @@ Configuration (TOML, ``--config FILE``); every key is optional::
     all_platforms = false                      # else the host's platform (or `platform`) of an index
     platform = "linux/amd64"
     workload = "nginx -t"                      # optimize: prioritize what `/bin/sh -c` of it opens
+    mode = "convert"                           # convert | index (a SOCI index beside the image, no
+                                               # copy: `lazysnap index`) | both
 
 Relative paths are relative to the config file. An invalid file stops the start with the line and reason.
 
@@ -109,6 +111,7 @@ from snapshotter.convert.image import (
     all_accelerated,
     digest_tag,
 )
+from snapshotter.convert.index import index_image
 from snapshotter.convert.optimize import optimize_image
 from snapshotter.convert.tar import TarFormatError
 from snapshotter.convert.writer import DEFAULT_CHUNK_SIZE, WriterError
@@ -386,7 +389,14 @@ class Convertd:
         await trio.to_thread.run_sync(failpoints.hit, "convertd.job-start", abandon_on_cancel=True)
         suffix = self.config.suffix
         pending = job.pending_tags
+        mode = job.options.get("mode", "convert")
         async with self._client() as client:
+            if mode in ("index", "both"):
+                await self._index(client, job)
+            if mode == "index":
+                for tag in pending:
+                    await self.db(self.store.tag_done, job.id, tag)
+                return "indexed"
             result: tuple[bytes, str] | None = None
             if job.result_digest:
                 try:
@@ -425,6 +435,21 @@ class Convertd:
                 await self.db(self.store.tag_done, job.id, tag)
                 log.info("re-tagged", extra={"fields": {"job": job.id, "ref": str(dst)}})
         return outcome
+
+    async def _index(self, client: RegistryClient, job: Job) -> None:
+        """Publish the SOCI index of the pushed image beside it (`lazysnap index`): its plain gzip
+        layers then load lazily as they are, with no converted copy."""
+        src = Reference(job.registry, job.repository, digest=job.digest)
+        started = time.monotonic()
+
+        def progress(line: str) -> None:
+            log.info("index", extra={"fields": {"job": job.id, "detail": line}})
+
+        results = await index_image(client, str(src), log=progress)
+        indexed = sum(1 for m in results for layer in m.layers if layer.action == "indexed")
+        seconds = time.monotonic() - started
+        fields = {"job": job.id, "ref": str(src), "layers": indexed, "seconds": seconds}
+        log.info("indexed", extra={"fields": fields})
 
     async def _convert(self, client: RegistryClient, job: Job, tag: Tag) -> tuple[str, str]:
         """Convert the job's image, pushed as `tag`+suffix; returns (digest, media type) of the result."""

@@ -552,3 +552,33 @@ def test_the_accelerated_image_is_also_tagged_by_the_source_digest_for_the_webho
         "path": "/spec/containers/0/image",
         "value": f"{registry.host}/team/pinned:{by_digest}",
     } in patch
+
+
+def test_index_mode_publishes_a_soci_index_instead_of_or_beside_a_copy(
+    registry_factory: Callable[..., Registry], convertd_factory: Callable[..., Convertd]
+) -> None:
+    """`mode = "index"`: a push gets a SOCI index beside it (the image stays as it is, no `_accelerated`
+    copy); `mode = "both"`: the index and the copy."""
+    from fuse.formats.spec import SOCI_INDEX_V1
+    from fuse.registry.referrers import referrers
+
+    c = convertd_factory(
+        repositories=[{"name": "plain/*", "mode": "index"}, {"name": "twice/*", "mode": "both"}]
+    )
+    registry = registry_factory(config=c.registry_config())
+    c.start()
+    big = image("big", 11 << 20)  # over lazysnap index's default minimum layer size (10 MiB)
+    plain = im.push_image(registry.url, "plain/app", "v1", big)
+    twice = im.push_image(registry.url, "twice/app", "v1", big)
+    assert c.wait_job("plain/app", plain, timeout=60)["state"] == "done"
+    c.wait_job("twice/app", twice, timeout=60)
+
+    async def soci_of(repository: str, digest: str) -> list[dict]:
+        async with anonymous_client() as client:
+            return await referrers(client, f"{registry.host}/{repository}:v1", digest, SOCI_INDEX_V1)
+
+    assert len(trio.run(soci_of, "plain/app", plain)) == 1
+    assert len(trio.run(soci_of, "twice/app", twice)) == 1
+    with pytest.raises(Exception, match="404|not found|unknown"):
+        get_manifest(registry.url, "plain/app", "v1_accelerated")
+    assert get_manifest(registry.url, "twice/app", "v1_accelerated")[2]

@@ -140,6 +140,10 @@ all_platforms = true
             "line 6: repositories[1].level: compression level 99 is outside 1..9 for estargz",
         ),
         ('[[repositories]]\nname = "a"\nformat = "gzip"\n', "line 3: repositories[0].format: must be one of"),
+        (
+            '[[repositories]]\nname = "a"\nmode = "copy"\n',
+            "line 3: repositories[0].mode: must be one of convert, index, both",
+        ),
         ('[[repositories]]\nname = "a"\nchunk_size = "huge"\n', "line 3: repositories[0].chunk_size:"),
         ('[[repositories]]\nname = "a"\nchunk_size = 100\n', "repositories[0].chunk_size: chunk size 100"),
         (
