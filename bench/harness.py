@@ -30,6 +30,8 @@ Modes:
   a plain directory instead (atime = mtime, newer ctime: the first read moves the atime, even under
   relatime), the workload runs once on it with `ctr run --rootfs`, and the files whose atime moved are
   listed by atime, i.e. in the order of their first read (cached in <cache-dir>/recorded/);
+- `lazysnap-index`: lazysnap pulling the plain image itself, lazily through the SOCI index `lazysnap
+  index` publishes beside it (every layer indexed; no conversion);
 - `other:NAME=CMD`: CMD (split like a shell; `{socket}`, `{root}` and `{hosts_dir}` are replaced) is a
   snapshotter serving on a socket, used as proxy plugin NAME; it pulls the eStargz image with rpull.
   `--peer auto` adds the peer (stargz-snapshotter's containerd-stargz-grpc at ../shared/peer/run-peer
@@ -85,13 +87,14 @@ from bench import realistic
 from bench.network import DEFAULT_RATE, NetworkError, ShapedRegistry, Traffic, parse_rate
 from fuse.registry import NotFound, Reference
 from snapshotter.convert.converter import convert_image
+from snapshotter.convert.index import index_image
 from tests.harness.containerd import Containerd
 from tests.harness.procs import Service, kill_pids, pids_with_cmdline, unmount_all
 
 DEFAULT_OUT = Path("bench/results/startup")
 DEFAULT_IMAGES = ("python-numpy",)
 BUILTIN = "overlayfs"
-LAZY_MODES = ("lazysnap", "lazysnap-optimized")
+LAZY_MODES = ("lazysnap", "lazysnap-optimized", "lazysnap-index")
 REPO_PREFIX = "bench"
 SAMPLE_INTERVAL = 0.1
 PULL_TIMEOUT = 3600.0
@@ -126,6 +129,7 @@ class Mode:
     name: str  # what tables show: overlayfs, lazysnap, lazysnap-optimized, or other's NAME (+converter)
     kind: str  # "builtin", "lazysnap", "other"
     optimized: bool = False
+    indexed: bool = False  # pulls the plain image, lazily through the SOCI index beside it
     command: str = ""  # other: the command that starts the snapshotter
     converter: str = DEFAULT_CONVERTER  # lazy modes: who converted the image they pull
 
@@ -142,15 +146,20 @@ class Mode:
 
     @property
     def variant(self) -> str:
-        """Which image it pulls: "plain", "accelerated" or "optimized"."""
+        """Which image it pulls: "plain", "indexed" (the plain one, with its SOCI index), "accelerated"
+        or "optimized"."""
         if self.kind == "builtin":
             return "plain"
+        if self.indexed:
+            return "indexed"
         if self.optimized:
             return "optimized"
         return "accelerated" if self.converter == DEFAULT_CONVERTER else f"accelerated-{self.converter}"
 
 
-_MODE_START = re.compile(r",(?=\s*(?:other:|(?:overlayfs|lazysnap-optimized|lazysnap)\s*(?:,|$)))")
+_MODE_START = re.compile(
+    r",(?=\s*(?:other:|(?:overlayfs|lazysnap-optimized|lazysnap-index|lazysnap)\s*(?:,|$)))"
+)
 
 
 def parse_modes(text: str) -> list[Mode]:
@@ -167,6 +176,8 @@ def parse_modes(text: str) -> list[Mode]:
             mode = Mode("lazysnap", "lazysnap")
         elif item == "lazysnap-optimized":
             mode = Mode("lazysnap-optimized", "lazysnap", optimized=True)
+        elif item == "lazysnap-index":
+            mode = Mode("lazysnap-index", "lazysnap", indexed=True)
         elif item.startswith("other:"):
             name, eq, command = item[len("other:") :].partition("=")
             name = name.strip()
@@ -210,7 +221,7 @@ def with_converters(modes: Sequence[Mode], converters: Sequence[str]) -> list[Mo
     plain image."""
     out = []
     for mode in modes:
-        if mode.kind == "builtin" or mode.optimized:
+        if mode.kind == "builtin" or mode.optimized or mode.indexed:
             out.append(mode)
             continue
         for converter in converters:
@@ -747,6 +758,15 @@ async def _convert(host: str, src: str, dst: str, prioritize: list[str] | None, 
         )
 
 
+INDEX_SPAN = 1 << 20  # checkpoints every 1 MiB of output: a miss fetches and inflates about that much
+
+
+async def _index(host: str, image: str) -> None:
+    """`lazysnap index` of the plain image, every layer (the eStargz modes make every layer lazy too)."""
+    async with realistic.registry_client() as client:
+        await index_image(client, f"{host}/{image}", min_layer_size=0, span_out=INDEX_SPAN)
+
+
 def convert_cached(
     host: str, repo: str, src_tag: str, dst_tag: str, prioritize: list[str] | None, tmp: Path, log: Log
 ) -> list[tuple[str, int]]:
@@ -853,6 +873,15 @@ def prepare(
             prep.tags["accelerated"] = tag
         except Exception as e:  # the mode reports it; other modes go on
             prep.errors["accelerated"] = f"converting {prep.repo}:{built.tag}: {e}"
+    if "indexed" in variants:
+        try:
+            started = time.monotonic()
+            trio.run(_index, host, f"{prep.repo}:{built.tag}")
+            prep.tags["indexed"] = built.tag
+            prep.layers["indexed"] = prep.layers["plain"]
+            log(f"  indexed {prep.repo}:{built.tag} ({time.monotonic() - started:.1f} s)")
+        except Exception as e:
+            prep.errors["indexed"] = f"indexing {prep.repo}:{built.tag}: {e}"
     if "accelerated-ctr-remote" in variants:
         tag = f"{built.tag}_ctr-remote-estargz"
         try:

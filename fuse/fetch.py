@@ -511,15 +511,21 @@ class Fetcher:
         decoded = await trio.to_thread.run_sync(
             handle.layer.decode_members, start, data, members, limiter=DECODE_LIMIT
         )
+        bonus = {}  # chunks a format decoded along with those asked for (a plain layer's whole span)
         for cid, result in decoded.items():
-            if isinstance(result, Exception):
+            if cid not in pendings:
+                if not isinstance(result, Exception) and not handle.cached[cid]:
+                    bonus[cid] = result
+            elif isinstance(result, Exception):
                 self._reject(handle, cid, pendings[cid], result)
             else:
                 self._resolve(handle, cid, pendings[cid], result, store_now=kind == "demand")
         if kind != "demand":  # prefetch and background: stored before the walk goes on
             for cid, result in decoded.items():
-                if not isinstance(result, Exception):
+                if cid in pendings and not isinstance(result, Exception):
                     await self._store(handle, cid, result)
+        for cid, result in bonus.items():  # cached for the reads to come, never fetched again
+            await self._store(handle, cid, result)
 
     def _resolve(
         self, handle: LayerHandle, cid: int, pending: _Pending, data: bytes, store_now: bool

@@ -402,7 +402,8 @@ class RemoteLayers:
         listed = await referrers(self.client, req.ref, manifest_digest, artifact_type=SOCI_INDEX_V1)
         if not listed:
             return {}
-        body, _kind, _digest = await self.client.get_manifest(req.ref.with_digest(listed[0]["digest"]))
+        newest = listed[-1]  # the referrers tag lists them in the order they were published
+        body, _kind, _digest = await self.client.get_manifest(req.ref.with_digest(newest["digest"]))
         doc = json.loads(body)
         return {
             layer["annotations"][ANNOTATION_LAYER_DIGEST]: layer

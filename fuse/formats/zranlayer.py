@@ -111,6 +111,9 @@ class ZranLayer(Layer):
         self.zindex = zindex
         self.entries = entries  # as listed (the daemon compares them with the blob's, once local)
         self._span_of = {zindex.span_range(k)[0]: k for k in range(len(zindex.points))}
+        self._in_span: dict[int, list[int]] = {}  # compressed start of a span -> the chunks in it
+        for cid, start in enumerate(index.c_start):
+            self._in_span.setdefault(start, []).append(cid)
 
     @property
     def format(self) -> str:
@@ -120,11 +123,15 @@ class ZranLayer(Layer):
         return None  # plain layers have no prioritized region
 
     def decode_members(self, start: int, data: bytes, members: list[Chunk]) -> dict[int, bytes | Exception]:
-        """Inflate each span the chunks lie in once, verified, and slice the chunks out of it; an error
-        rejects the chunks of its span only."""
+        """Inflate each span the chunks lie in once, verified, and slice the chunks out of it, and every
+        other chunk of that span too (files read together lie together: the reads to come find them
+        in the cache); an error rejects the chunks of its span only."""
         by_span: dict[tuple[int, int], list[Chunk]] = {}
         for c in members:
             by_span.setdefault((c.start, c.end), []).append(c)
+        asked = {c.id for c in members}
+        for (s, _e), chunks in by_span.items():
+            chunks += [self.index.chunk(cid) for cid in self._in_span.get(s, ()) if cid not in asked]
         out: dict[int, bytes | Exception] = {}
         for (s, e), chunks in by_span.items():
             try:

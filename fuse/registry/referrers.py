@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
 
 import httpx
 
@@ -97,9 +98,11 @@ async def push_referrer(
     media_type: str,
     subject: dict,
     artifact_type: str,
+    replaces: Callable[[dict], bool] | None = None,
 ) -> dict:
     """Push an artifact manifest (whose `subject` is `subject`) by digest to ref's repository and make it
-    findable by `referrers`; returns its descriptor. Its blobs must be pushed already."""
+    findable by `referrers`; returns its descriptor. Its blobs must be pushed already. In the tag
+    fallback, referrers for which `replaces(descriptor)` is true are dropped (an earlier run's index)."""
     ref = _ref(ref)
     digest = "sha256:" + hashlib.sha256(manifest_bytes).hexdigest()
     manifest = json.loads(manifest_bytes)
@@ -117,7 +120,8 @@ async def push_referrer(
         return descriptor  # the registry keeps the referrers itself
     for _ in range(TAG_UPDATE_ATTEMPTS):
         current = await _tag_index(client, ref, subject["digest"])
-        entries = _dedupe([*current, descriptor])
+        kept = [e for e in current if e.get("digest") == digest or replaces is None or not replaces(e)]
+        entries = _dedupe([*kept, descriptor])
         if [e.get("digest") for e in entries] != [e.get("digest") for e in current]:
             index = {"schemaVersion": 2, "mediaType": manifests.OCI_INDEX, "manifests": entries}
             body = json.dumps(index, separators=(",", ":")).encode()

@@ -245,7 +245,14 @@ async def _index_manifest(
         "annotations": {ANNOTATION_BUILD_TOOL: ztoc_format.BUILD_TOOL},
     }
     manifest_bytes = json.dumps(manifest, separators=(",", ":")).encode()
-    pushed = await push_referrer(client, ref, manifest_bytes, mf.OCI_MANIFEST, subject, SOCI_INDEX_V1)
+
+    def ours(d: dict) -> bool:  # an index an earlier `lazysnap index` published (other spans, say)
+        built_by = (d.get("annotations") or {}).get(ANNOTATION_BUILD_TOOL)
+        return d.get("artifactType") == SOCI_INDEX_V1 and built_by == ztoc_format.BUILD_TOOL
+
+    pushed = await push_referrer(
+        client, ref, manifest_bytes, mf.OCI_MANIFEST, subject, SOCI_INDEX_V1, replaces=ours
+    )
     log(f"{where}: SOCI index {pushed['digest']} published ({len(ztoc_descs)} zTOC(s))")
     return ManifestResult(digest, platform, layers, pushed["digest"])
 

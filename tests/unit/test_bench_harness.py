@@ -15,12 +15,16 @@ from bench.network import NetworkError
 
 
 def test_parse_modes():
-    modes = h.parse_modes("overlayfs,lazysnap,lazysnap-optimized")
+    modes = h.parse_modes("overlayfs,lazysnap,lazysnap-optimized,lazysnap-index")
     assert [(m.name, m.kind, m.optimized, m.plugin, m.variant) for m in modes] == [
         ("overlayfs", "builtin", False, None, "plain"),
         ("lazysnap", "lazysnap", False, "lazysnap", "accelerated"),
         ("lazysnap-optimized", "lazysnap", True, "lazysnap", "optimized"),
+        ("lazysnap-index", "lazysnap", False, "lazysnap", "indexed"),  # the plain image, its SOCI index
     ]
+    # the index mode pulls the plain image whoever converts the others
+    expanded = h.with_converters(modes, h.parse_converters("lazysnap,ctr-remote"))
+    assert [m.name for m in expanded if m.indexed] == ["lazysnap-index"]
 
 
 def test_parse_other_modes_keep_commas_and_equals_in_their_command():

@@ -191,3 +191,45 @@ async def test_a_ztoc_serves_the_layer(layer_files) -> None:
     tampered = await open_zran_layer(BytesSource(bytes(bad), "tampered"), parsed.entries, parsed.index)
     with pytest.raises(Unverified):
         await tampered.read_file("bin/tool")
+
+
+async def test_a_read_caches_every_file_of_its_span(layer_files, tmp_path: Path) -> None:
+    """Inflating a span for one file makes the other files of that span local too: the next reads of
+    them fetch nothing."""
+    blob, tar, files = layer_files
+    zindex = index_for(blob)
+    source = BytesSource(blob, "test gzip layer")
+    reads: list[tuple[int, int]] = []
+    original = source.read_many
+
+    async def counted(spans: list[tuple[int, int]]) -> list[bytes]:
+        reads.extend(spans)
+        return await original(spans)
+
+    source.read_many = counted  # type: ignore[method-assign]
+    layer = await open_zran_layer(source, entries_of(tar), zindex)
+    ix = layer.index
+    small = [p for p, d in files.items() if 0 < len(d) < 100]  # the long-named file and friends
+    ino = ix.find(small[0])
+    same_span = [
+        cid
+        for cid in range(len(ix.c_start))
+        if ix.c_start[cid] == ix.c_start[ix.first_chunk[ino]] and cid != ix.first_chunk[ino]
+    ]
+    assert same_span, "the test layer should have other files in that span"
+    cache = ChunkCache(tmp_path / "cache", 100 << 20, fsync=False)
+    await cache.open()
+    fetcher = Fetcher(cache, FetchOptions(background=False, merge_cap=0))
+    async with trio.open_nursery() as nursery:
+        await nursery.start(fetcher.run)
+        handle = LayerHandle(layer, "sha256-zran", "test gzip layer")
+        assert await fetcher.read(handle, ino, 0, 100) == files[small[0]]
+        with trio.fail_after(5):
+            while not all(handle.cached[cid] for cid in same_span):
+                await trio.sleep(0.01)
+        fetched = len(reads)
+        other = ix.find("etc/config.txt")
+        if ix.c_start[ix.first_chunk[other]] == ix.c_start[ix.first_chunk[ino]]:
+            assert (await fetcher.read(handle, other, 0, 50)) == files["etc/config.txt"][:50]
+            assert len(reads) == fetched  # served from the cache
+        nursery.cancel_scope.cancel()
