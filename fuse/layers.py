@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import dataclasses
 import errno
-import functools
-import hashlib
 import json
 import logging
 import os
@@ -34,6 +32,7 @@ from pathlib import Path
 
 import trio
 
+from fuse import soci
 from fuse.fetch import Fetcher, LayerHandle
 from fuse.formats import (
     FormatError,
@@ -46,13 +45,10 @@ from fuse.formats import (
 )
 from fuse.formats.annotations import expected_toc_digest
 from fuse.formats.index import DIR, ROOT, LayerIndex
-from fuse.formats.spec import ANNOTATION_LAYER_DIGEST, GZIP_LAYER_TYPES, SOCI_INDEX_V1
-from fuse.formats.zranlayer import ZranLayer, open_zran_layer
-from fuse.formats.ztoc import MAX_ZTOC_BYTES, parse_ztoc, stream_ztoc
+from fuse.formats.zranlayer import ZranLayer
 from fuse.fs import LazyFS
 from fuse.registry import Reference, RegistryClient, RegistryError
 from fuse.registry import manifests as mf
-from fuse.registry.referrers import referrers
 
 log = logging.getLogger("lazysnap.remote")
 
@@ -203,9 +199,9 @@ class RemoteLayers:
         ref = Reference.parse(meta["ref"])
         source = RegistrySource(self.client, ref, meta["digest"], meta["size"])
         if meta.get("kind") == ZRAN_KIND:
-            if _sha256(toc) != meta["toc_digest"]:
+            if soci.sha256(toc) != meta["toc_digest"]:
                 raise FormatError(f"{name}: its stored zTOC does not match its digest {meta['toc_digest']}")
-            layer = await _zran_layer(source, toc, meta["size"])
+            layer = await soci.open_layer(source, toc)
         else:
             layer = await layer_from_toc(source, footer, toc, meta["toc_digest"])
         stored = {path: _Attrs(*attrs) for path, attrs in meta.get("inherited", {}).items()}
@@ -347,32 +343,19 @@ class RemoteLayers:
         return entry
 
     async def _zran(self, req: LayerRequest, desc: dict, source: RegistrySource) -> _Toc | None:
-        """A plain gzip layer served from the SOCI index published beside its image (`lazysnap
-        index`), found among the referrers of the image manifest; None when there is none. Trust: the
-        image manifest (by the digest in CRI's labels, or the reference as resolved for ctr-remote's;
-        either way one that lists this layer digest) -> the SOCI index
-        manifest (listed as its referrer, fetched by digest and checked) -> the zTOC (by its digest in
-        that manifest, checked) -> each span's compressed bytes (their sha256 in the zTOC) ->
-        `_verify_zran`, once the layer is local: the whole blob against the layer digest, the zTOC
-        rebuilt from it and compared."""
+        """A plain gzip layer served from the SOCI index published beside its image (`fuse.soci`, which
+        says how each link is checked; the image manifest is the one by the digest in CRI's labels, or
+        the reference as resolved for ctr-remote's, either way one that lists this layer digest); None
+        when there is none. Once the layer is local, `_verify_zran` checks the last link."""
         key = f"{req.ref.name}@{req.manifest_digest}" if req.manifest_digest else str(req.ref)
         manifest_digest = self._manifest_digests.get(key)  # set by _descriptor
-        if desc.get("mediaType") not in GZIP_LAYER_TYPES or manifest_digest is None:
+        if not soci.is_plain_gzip(desc) or manifest_digest is None:
             return None
         d = (await self._soci_ztocs(req, manifest_digest)).get(req.digest)
         if d is None:
             return None
-        what = f"{req.ref} layer {req.digest}"
-        digest, size = d.get("digest"), d.get("size")
-        if not (isinstance(digest, str) and _DIGEST.fullmatch(digest)) or not (
-            isinstance(size, int) and 0 < size <= MAX_ZTOC_BYTES
-        ):
-            raise Fallback("soci", f"{what}: its SOCI index lists a zTOC of {size!r} bytes at {digest!r}")
-        blob = await RegistrySource(self.client, req.ref, digest, size).read(0, size)
-        if _sha256(blob) != digest:
-            raise Fallback("soci", f"{what}: its zTOC does not match its digest {digest}")
-        layer = await _zran_layer(source, blob, desc["size"])
-        return _Toc(desc, digest, b"", blob, layer, ZRAN_KIND)
+        digest, blob = await soci.fetch_ztoc(self.client, req.ref, d, f"{req.ref} layer {req.digest}")
+        return _Toc(desc, digest, b"", blob, await soci.open_layer(source, blob), ZRAN_KIND)
 
     async def _soci_ztocs(self, req: LayerRequest, manifest_digest: str) -> dict[str, dict]:
         """Layer digest -> zTOC descriptor, from the first SOCI index among the referrers of the image
@@ -388,7 +371,7 @@ class RemoteLayers:
         found: dict[str, dict] = {}
         try:
             with trio.move_on_after(SOCI_LOOKUP):
-                found = await self._read_soci(req, manifest_digest)
+                found = await soci.ztocs(self.client, req.ref, manifest_digest)
         except (RegistryError, ValueError, KeyError, TypeError) as e:
             log.info("no usable SOCI index for %s: %s", key, e)
         finally:
@@ -397,19 +380,6 @@ class RemoteLayers:
         if self._nursery is not None:
             self._nursery.start_soon(self._forget_soci, key)
         return found
-
-    async def _read_soci(self, req: LayerRequest, manifest_digest: str) -> dict[str, dict]:
-        listed = await referrers(self.client, req.ref, manifest_digest, artifact_type=SOCI_INDEX_V1)
-        if not listed:
-            return {}
-        newest = listed[-1]  # the referrers tag lists them in the order they were published
-        body, _kind, _digest = await self.client.get_manifest(req.ref.with_digest(newest["digest"]))
-        doc = json.loads(body)
-        return {
-            layer["annotations"][ANNOTATION_LAYER_DIGEST]: layer
-            for layer in doc.get("layers", [])
-            if isinstance(layer, dict) and ANNOTATION_LAYER_DIGEST in (layer.get("annotations") or {})
-        }
 
     async def _forget_soci(self, key: str) -> None:
         await trio.sleep(SOCI_RETRY)  # an index published later is found by later pulls
@@ -504,17 +474,9 @@ class RemoteLayers:
         reads fail with EIO from now on, and it is logged and counted."""
         layer = entry.handle.layer
         assert isinstance(layer, ZranLayer)
-        source, zindex = layer.source, layer.zindex
         what = f"{entry.image} layer {entry.name}"
         try:
-            rebuilt = await stream_ztoc(source, source.size, span_out=zindex.span_size, what=what)
-            digest = "sha256:" + (rebuilt.index.blob_digest or b"").hex()
-            if digest != source.digest:
-                raise Unverified(f"the blob has digest {digest}, not the layer's {source.digest}")
-            if rebuilt.index.to_bytes() != zindex.to_bytes():
-                raise Unverified("its zTOC's checkpoints are not the blob's")
-            if list(layer.entries) != list(rebuilt.entries):
-                raise Unverified("its zTOC's file list is not the blob's")
+            await soci.verify(layer, what)
         except (Unverified, FormatError) as e:
             reason = f"{what}: {e}; the layer is bad, its files fail with EIO"
             entry.handle.bad = reason
@@ -739,17 +701,3 @@ def _remove_dir(d: Path) -> None:
         d.rmdir()
     except OSError:
         pass
-
-
-def _sha256(data: bytes) -> str:
-    return "sha256:" + hashlib.sha256(data).hexdigest()
-
-
-async def _zran_layer(source: RegistrySource, ztoc_blob: bytes, size: int) -> Layer:
-    what = source.description
-    parsed = await trio.to_thread.run_sync(functools.partial(parse_ztoc, ztoc_blob, what=f"{what} zTOC"))
-    if parsed.compressed_archive_size != size:
-        raise FormatError(
-            f"{what}: its zTOC describes {parsed.compressed_archive_size} bytes, the layer has {size}"
-        )
-    return await open_zran_layer(source, parsed.entries, parsed.index)

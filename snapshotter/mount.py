@@ -33,10 +33,12 @@ from pathlib import Path
 
 import trio
 
+from fuse import soci
 from fuse.cache import ChunkCache
 from fuse.fetch import Fetcher, FetchOptions, LayerHandle
 from fuse.formats import FormatError, NotLazy, RegistrySource, Unverified, open_layer
 from fuse.formats.annotations import expected_toc_digest
+from fuse.formats.zranlayer import ZranLayer
 from fuse.mount import FuseMount, MountFailed, ServingStopped
 from fuse.registry import CredentialStore, HostsConfig, Platform, Reference, RegistryClient, RegistryError
 from snapshotter import failpoints, host
@@ -165,14 +167,23 @@ async def _open_layers(
             f"cannot resolve {ref}: {e}; check the reference, credentials and registry"
         ) from None
     handles = []
+    indexed: dict[str, dict] | None = None  # the image's SOCI index, looked up at the first plain layer
     for i, desc in enumerate(resolved.layers):
         what = f"{ref} layer {i} ({desc['digest']})"
         source = RegistrySource(client, resolved.reference, desc["digest"], desc["size"])
         try:
-            layer = await open_layer(source, expected_toc_digest(desc.get("annotations")))
+            toc_digest = expected_toc_digest(desc.get("annotations"))
+            if toc_digest is None and soci.is_plain_gzip(desc) and indexed is None:
+                indexed = await soci.ztocs(client, resolved.reference, resolved.digest)
+            if toc_digest is None and indexed and desc["digest"] in indexed:  # from its SOCI index
+                _, blob = await soci.fetch_ztoc(client, resolved.reference, indexed[desc["digest"]], what)
+                layer = await soci.open_layer(source, blob)
+            else:
+                layer = await open_layer(source, toc_digest)
         except NotLazy as e:
             raise MountError(
-                f"{what} is not lazily loadable: {e.reason}; mount an image converted with `lazysnap convert`"
+                f"{what} is not lazily loadable: {e.reason}; mount an image converted with "
+                "`lazysnap convert`, or indexed with `lazysnap index`"
             ) from None
         except Unverified as e:
             raise MountError(
@@ -246,15 +257,25 @@ async def _serve_mounted(
         await _mount_view(lower, mountpoint, view_options)
         print(f"mounted {len(handles)} layers at {mountpoint}", flush=True)
         for handle in handles:
-            nursery.start_soon(
-                _quietly, f"background fetch of {handle.name}", fuse.fetcher.background(handle)
-            )
+            nursery.start_soon(_background, fuse, handle)
         await _until_unmounted_or_signalled(mountpoint, receiver)
         # the view first, while the layers are still served; then FUSE's loop
         with trio.CancelScope(shield=True):
             await _unmount_view(mountpoint)
             await fuse.stop(UNMOUNT_TIMEOUT)
         nursery.cancel_scope.cancel()
+
+
+async def _background(fuse: FuseMount, handle: LayerHandle) -> None:
+    """The background fetch; then, for a layer served from a SOCI index, the final check of the blob
+    and its zTOC (`fuse.soci.verify`): a layer that fails it is bad, its reads fail with EIO."""
+    await _quietly(f"background fetch of {handle.name}", fuse.fetcher.background(handle))
+    if isinstance(handle.layer, ZranLayer) and all(handle.cached):
+        try:
+            await soci.verify(handle.layer, handle.name)
+        except (Unverified, FormatError, RegistryError) as e:
+            handle.bad = f"{handle.name}: {e}; the layer is bad, its files fail with EIO"
+            log.error("%s", handle.bad)
 
 
 async def _quietly(what: str, work: Awaitable[object]) -> None:
