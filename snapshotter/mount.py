@@ -1,6 +1,7 @@
 """`lazysnap mount IMAGE MOUNTPOINT`: an accelerated image's merged root filesystem, read-only, without
-containerd. The same data path as the daemon: one FUSE mount (a private directory) with one
-subdirectory per layer, and an overlayfs at MOUNTPOINT whose lower directories are those layers
+containerd (or a plain image whose SOCI index `lazysnap index` published: `fuse.soci`). The same data
+path as the daemon: one FUSE mount (a private directory) with one subdirectory per layer, and an
+overlayfs at MOUNTPOINT whose lower directories are those layers
 (whiteouts and opaque directories applied by the kernel, as for a container). It stays in the
 foreground until MOUNTPOINT is unmounted or the process is interrupted, then cleans up.
 
