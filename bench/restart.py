@@ -25,13 +25,10 @@ import tempfile
 import time
 from pathlib import Path
 
-import trio
-
-from snapshotter.convert.converter import convert_image
-from tests.harness import images as im
+from tests.harness.accelerate import accelerate
 from tests.harness.containerd import Containerd
 from tests.harness.readload import Load, data_image, restart_pause
-from tests.harness.registry import Registry, anonymous_client
+from tests.harness.registry import Registry
 from tests.harness.snapshotter import PLUGIN, Lazysnap
 
 EVENTS = (
@@ -39,16 +36,6 @@ EVENTS = (
     ("SIGTERM (systemctl restart)", signal.SIGTERM),
     ("SIGHUP (systemctl reload: upgrade)", signal.SIGHUP),
 )
-
-
-def accelerated(registry: Registry, image: im.Image) -> str:
-    im.push_image(registry.url, "bench/restart", "v1", image)
-
-    async def convert() -> str:
-        async with anonymous_client() as client:
-            return (await convert_image(client, f"{registry.host}/bench/restart:v1")).destination
-
-    return trio.run(convert)
 
 
 def measure(workdir: Path, repeat: int) -> dict:
@@ -59,7 +46,7 @@ def measure(workdir: Path, repeat: int) -> dict:
     containerd = Containerd(workdir / "containerd", snapshotter_socket=snapshotter.address).start()
     try:
         image, expected = data_image()
-        ref = accelerated(registry, image)
+        ref = accelerate(registry, "bench/restart", image)
         containerd.ctr_remote("image", "rpull", "--plain-http", "--snapshotter", PLUGIN, ref)
         load = Load(containerd, snapshotter, ref, expected, workdir / "out").start()
         results: dict[str, list[tuple[float, float]]] = {name: [] for name, _ in EVENTS}

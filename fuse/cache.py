@@ -63,6 +63,8 @@ from typing import TypeVar
 
 import trio
 
+from .syscalls import libc
+
 log = logging.getLogger("lazysnap.cache")
 T = TypeVar("T")
 
@@ -167,7 +169,6 @@ class _CachedOpener:
         self._syscall = None
         if sys.platform == "linux" and os.uname().machine != "alpha":
             try:
-                libc = ctypes.CDLL(None, use_errno=True)
                 self._syscall = libc.syscall
                 self._syscall.restype = ctypes.c_long
             except (OSError, AttributeError):

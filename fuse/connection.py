@@ -16,8 +16,6 @@ replay. Verified facts behind each step: shared/reference/fuse-restart-facts.md.
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import errno
 import os
 import select
@@ -25,6 +23,9 @@ import socket
 import struct
 from dataclasses import dataclass
 from pathlib import Path
+
+from .syscalls import MS_NODEV, MS_NOSUID, MS_RDONLY
+from .syscalls import mount as mount_syscall
 
 FUSE_DEVICE = "/dev/fuse"
 IN_HEADER = struct.Struct("<IIQQIIII")  # fuse_in_header: len, opcode, unique, nodeid, uid, gid, pid, pad
@@ -35,9 +36,7 @@ RESEND_MINOR = 40  # the kernel's protocol minor from which it takes FUSE_NOTIFY
 INIT_IN = struct.Struct("<II")  # fuse_init_in starts with the kernel's protocol major and minor
 REPLAY_UNIQUE = 1 << 62  # the kernel's request ids count up from 0: never this one
 READ_SIZE = (1 << 20) + 4096  # the kernel refuses reads smaller than max_write plus the headers
-MS_RDONLY, MS_NOSUID, MS_NODEV = 1, 2, 4
 _FLAGS = {"ro": MS_RDONLY, "nosuid": MS_NOSUID, "nodev": MS_NODEV}
-libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)  # the process's one handle on libc
 
 
 @dataclass
@@ -91,10 +90,7 @@ def mount(mountpoint: Path | str, options: tuple[str, ...]) -> Connection:
     fd = os.open(FUSE_DEVICE, os.O_RDWR | os.O_CLOEXEC)
     try:
         data = [f"fd={fd}", "rootmode=40000", f"user_id={os.getuid()}", f"group_id={os.getgid()}", *data]
-        options_text = ",".join(data).encode()
-        if libc.mount(source.encode(), os.fsencode(mountpoint), fstype.encode(), flags, options_text):
-            err = ctypes.get_errno()
-            raise OSError(err, f"mount {fstype} on {mountpoint}: {os.strerror(err)}")
+        mount_syscall(source, mountpoint, fstype, flags, ",".join(data))
         init = os.read(fd, READ_SIZE)  # queued by the mount itself
         _check_init(init)
     except BaseException:

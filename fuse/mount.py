@@ -1,12 +1,11 @@
 """The FUSE mount, assembled in one place for `lazysnap serve` and `lazysnap mount`: `FuseMount` (pyfuse3
 start and stop, adopting a connection an earlier process kept alive, stale mounts, read-ahead, aborting
-a dead connection), and the mount primitives under it
-(libc, umount2(2), the mount table parsed from /proc/self/mountinfo). fuse/ imports nothing from
-snapshotter/, so `snapshotter.host` builds on these rather than repeating them."""
+a dead connection), and the mount table parsed from /proc/self/mountinfo (mount(2) and umount2(2) are
+`fuse.syscalls`'s). fuse/ imports nothing from snapshotter/, so `snapshotter.host` builds on these
+rather than repeating them."""
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import logging
 import os
@@ -18,12 +17,12 @@ import pyfuse3
 import trio
 
 from . import connection
-from .connection import Connection, libc
+from .connection import Connection
 from .fetch import Fetcher
 from .fs import MOUNT_OPTIONS
+from .syscalls import MNT_DETACH, umount
 
 log = logging.getLogger("lazysnap.mount")
-MNT_DETACH = 2
 MOUNTINFO = "/proc/self/mountinfo"
 FUSE_CONNECTIONS = "/sys/fs/fuse/connections"  # fusectl: one directory per connection, named by device
 _ESCAPE = re.compile(rb"\\([0-7]{3})")
@@ -62,14 +61,6 @@ def is_mountpoint(path: Path | str) -> bool:
 def mount_device(mountpoint: Path | str) -> str | None:
     """The "major:minor" device of the mount at `mountpoint`, or None when nothing is mounted there."""
     return next((e.device for e in mount_table() if e.mountpoint == str(mountpoint)), None)
-
-
-def umount(path: Path | str, flags: int = 0) -> int:
-    """umount2(2) itself, not umount(8) (which stats the target: a hang on a FUSE mount nobody serves);
-    0 or the errno."""
-    if libc.umount2(os.fsencode(path), flags) == 0:
-        return 0
-    return ctypes.get_errno()
 
 
 def abort_connection(device: str) -> bool:

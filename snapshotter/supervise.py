@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import argparse
 import array
-import ctypes
-import ctypes.util
 import errno
 import logging
 import os
@@ -35,6 +33,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 
+from fuse.syscalls import libc
 from snapshotter import logs, sdnotify
 
 log = logging.getLogger("lazysnap.supervise")
@@ -45,7 +44,6 @@ BURST, BURST_WINDOW, MAX_BACKOFF = 10, 10.0, 10.0  # more starts than BURST in B
 KCMP_SYSCALLS = {"x86_64": 312, "aarch64": 272, "ppc64le": 354, "s390x": 343, "riscv64": 272}
 SYS_KCMP = KCMP_SYSCALLS.get(platform.machine())
 KCMP_FILE = 0
-_libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
 
 
 @dataclass
@@ -58,7 +56,7 @@ def same_file(pid: int, a: int, b: int) -> bool:
     """Whether fds `a` and `b` of process `pid` share one open file description (kcmp(2); where it is
     unknown or forbidden, by device and inode: /dev/fuse copies then count as one, as they are here)."""
     if SYS_KCMP is not None:
-        result = _libc.syscall(SYS_KCMP, pid, pid, KCMP_FILE, a, b)
+        result = libc.syscall(SYS_KCMP, pid, pid, KCMP_FILE, a, b)
         if result >= 0:
             return result == 0
     sa, sb = os.fstat(a), os.fstat(b)
@@ -134,7 +132,7 @@ class Supervisor:
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD):
             signal.signal(sig, self._on_signal)
         signal.set_wakeup_fd(self._wake_w, warn_on_full_buffer=False)
-        if _libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
+        if libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
             log.warning("cannot become a child subreaper: an upgraded daemon would not be reaped here")
         self.start()
         deadline: float | None = None

@@ -39,7 +39,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .errors import FormatError
-from .spec import NO_PREFETCH_LANDMARK, PREFETCH_LANDMARK
+from .spec import NO_PREFETCH_LANDMARK, PREFETCH_LANDMARK, TAR_BLOCK
 
 ROOT = 1
 DIR, REG, SYMLINK, CHAR, BLOCK, FIFO = range(6)
@@ -58,7 +58,6 @@ _U32, _I64 = 1 << 32, 1 << 63  # ranges of TOC integer fields: [0, _U32) for _U3
 # The most bytes one compressed byte can inflate to: deflate emits at most 258 bytes per 2-bit code
 # (1032:1); a zstd block yields at most 128 KiB and an RLE block takes 4 bytes (32768:1).
 MAX_RATIO = {GZIP: 1032, ZSTD: 32768, ZRAN: 1032}
-TAR_BLOCK = 512
 
 # Estimated bytes the index and its builder keep per inode / chunk / symlink / xattr map, on top of
 # the strings themselves (measured with tracemalloc on bench/index_build.py's TOC; see Limits).

@@ -68,3 +68,17 @@ ANNOTATION_LAYER_DIGEST = "com.amazon.soci.image-layer-digest"  # on a zTOC: the
 ANNOTATION_LAYER_MEDIA_TYPE = "com.amazon.soci.image-layer-mediaType"
 ANNOTATION_SPAN_SIZE = "com.amazon.soci.span-size"
 ANNOTATION_BUILD_TOOL = "com.amazon.soci.build-tool-identifier"
+
+# tar (POSIX ustar, GNU, PAX), as the converter's writer and the zTOC builder read it
+TAR_BLOCK = 512
+TAR_TYPES = {  # type flag -> the entry type TOCs name
+    b"0": "reg",
+    b"\0": "reg",  # pre-POSIX regular file
+    b"7": "reg",  # contiguous file: a regular file everywhere but on a few old Unixes
+    b"1": "hardlink",
+    b"2": "symlink",
+    b"3": "char",
+    b"4": "block",
+    b"5": "dir",
+    b"6": "fifo",
+}

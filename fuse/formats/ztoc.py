@@ -49,8 +49,9 @@ import trio
 
 from . import zran
 from .errors import FormatError
-from .index import DEFAULT_LIMITS, TAR_BLOCK, Limits
+from .index import DEFAULT_LIMITS, Limits
 from .source import BlobSource
+from .spec import TAR_BLOCK, TAR_TYPES
 
 VERSION = "0.9"  # SOCI's only zTOC version (ztoc/ztoc.go Version09)
 BUILD_TOOL = "lazysnap"
@@ -65,17 +66,6 @@ ROOT = "."
 # strings' own bytes: what the entry budget (Limits.max_index_bytes) counts.
 _ENTRY_COST = 400
 _XATTR_COST = 120
-_TAR_TYPES = {
-    b"0": "reg",
-    b"\0": "reg",
-    b"7": "reg",  # contiguous file: a regular file everywhere but on a few old Unixes
-    b"1": "hardlink",
-    b"2": "symlink",
-    b"3": "char",
-    b"4": "block",
-    b"5": "dir",
-    b"6": "fifo",
-}
 _GNU_UNSUPPORTED = {
     b"S": "a GNU sparse file",
     b"M": "a GNU multi-volume continuation",
@@ -386,7 +376,7 @@ class _TarScanner:
             if not self.need:
                 self._meta(b"")
             return
-        if flag in _GNU_UNSUPPORTED or (flag not in _TAR_TYPES and flag != b"D"):
+        if flag in _GNU_UNSUPPORTED or (flag not in TAR_TYPES and flag != b"D"):
             kind = _GNU_UNSUPPORTED.get(flag, f"an entry of tar type {flag!r}")
             raise FormatError(
                 f"{what}: {kind} at uncompressed offset {self.pos - TAR_BLOCK}; lazysnap cannot index "
@@ -443,7 +433,7 @@ class _TarScanner:
             )
         if flag == b"D":
             raise FormatError(f"{what}: GNU dump directory {_dec(name_raw)[:200]!r}: pull the layer in full")
-        kind = _TAR_TYPES[flag]
+        kind = TAR_TYPES[flag]
         if flag == b"\0" and name_raw.endswith(b"/"):
             kind = "dir"  # old V7 tars mark directories by the trailing slash only
         size = self._pax_int("size", size)

@@ -20,22 +20,14 @@ import posixpath
 from dataclasses import dataclass, field
 from typing import Protocol
 
-BLOCK = 512
+from fuse.formats.spec import TAR_BLOCK, TAR_TYPES
+
+BLOCK = TAR_BLOCK
 ZERO_BLOCK = bytes(BLOCK)
 MAX_EXTENSION_SIZE = 16 << 20  # one PAX / GNU long-name record set; tar tools use far less
 
-# Regular-file type flags, and how the TOCs name each type.
-REGULAR = (b"0", b"\x00", b"7")
-TYPE_NAMES = {
-    b"0": "reg",
-    b"7": "reg",
-    b"1": "hardlink",
-    b"2": "symlink",
-    b"3": "char",
-    b"4": "block",
-    b"5": "dir",
-    b"6": "fifo",
-}
+TYPE_NAMES = TAR_TYPES  # how the TOCs name each type flag
+REGULAR = tuple(flag for flag, name in TAR_TYPES.items() if name == "reg")
 
 
 class TarFormatError(ValueError):
@@ -316,7 +308,7 @@ class TarReader:
                 ctime = parse_numeric(block[357:369], "ctime") * 1_000_000_000
         if typeflag == b"S" or any(k.startswith("GNU.sparse.") for k in pax):
             raise TarFormatError(f"{_decode(name)!r} is a sparse file; sparse tar entries are not supported")
-        if typeflag not in TYPE_NAMES and typeflag != b"\x00":
+        if typeflag not in TYPE_NAMES:
             raise TarFormatError(
                 f"{_decode(name)!r} has tar type {typeflag!r}, which container layers cannot hold"
             )

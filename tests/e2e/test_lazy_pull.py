@@ -18,10 +18,10 @@ import trio
 
 from fuse.registry import Reference
 from snapshotter import failpoints
-from snapshotter.convert.converter import convert_image
 from snapshotter.convert.writer import WriteOptions, convert_bytes
 from tests.harness import images as im
 from tests.harness import trees
+from tests.harness.accelerate import accelerate
 from tests.harness.containerd import Containerd
 from tests.harness.containers import RUNTIME_PATHS, container_tree, feature_image
 from tests.harness.procs import free_port, mounts_under
@@ -29,18 +29,6 @@ from tests.harness.registry import Registry, anonymous_client
 from tests.harness.snapshotter import Lazysnap, lazysnap_command
 
 PLUGIN = "lazysnap"
-
-
-def accelerate(registry: Registry, repo: str, image: im.Image, **kw) -> str:
-    """Push `image` and convert it with lazysnap; the accelerated reference."""
-    im.push_image(registry.url, repo, "v1", image)
-
-    async def convert() -> str:
-        client = anonymous_client()
-        async with client:
-            return (await convert_image(client, f"{registry.host}/{repo}:v1", **kw)).destination
-
-    return trio.run(convert)
 
 
 def layer_bytes(registry: Registry, ref: str) -> tuple[int, int]:

@@ -1,6 +1,6 @@
-"""Accelerated test images made by the reference tools: ctr-remote (eStargz, its zstd variant, the
-optimizer) and skopeo (containers' zstd:chunked), from images built with `images.py`, and a sample
-image that exercises every kind of entry those formats must carry."""
+"""Accelerated test images: made by lazysnap's own converter (`accelerate`), and by the reference tools,
+ctr-remote (eStargz, its zstd variant, the optimizer) and skopeo (containers' zstd:chunked), from images
+built with `images.py`; and a sample image that exercises every kind of entry those formats must carry."""
 
 from __future__ import annotations
 
@@ -8,11 +8,26 @@ import json
 import subprocess
 from pathlib import Path
 
+import trio
+
+from snapshotter.convert.converter import convert_image
 from tests.harness import images as im
 from tests.harness.containerd import Containerd
-from tests.harness.registry import Registry
+from tests.harness.registry import Registry, anonymous_client
 
 BUSYBOX = Path("/bin/busybox").read_bytes()
+
+
+def accelerate(registry: Registry, repo: str, image: im.Image, **kw) -> str:
+    """Push `image` and convert it with lazysnap; the accelerated reference."""
+    im.push_image(registry.url, repo, "v1", image)
+
+    async def convert() -> str:
+        client = anonymous_client()
+        async with client:
+            return (await convert_image(client, f"{registry.host}/{repo}:v1", **kw)).destination
+
+    return trio.run(convert)
 
 
 def sample_image() -> im.Image:

@@ -9,6 +9,7 @@ if the process dies, and stopped by PID: SIGTERM, then SIGKILL after a grace per
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -38,9 +39,12 @@ class Service:
 
     def start(self) -> Service:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        # setpriv (util-linux) makes the service get SIGTERM when this test process dies, however it
+        # dies: a test runner killed mid-test (a timeout, SIGKILL) leaves no daemon or mount behind
+        argv = ["setpriv", "--pdeathsig", "TERM", "--", *self.argv] if shutil.which("setpriv") else self.argv
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
-                self.argv,
+                argv,
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
