@@ -16,7 +16,10 @@
   pieces keep to the same decompressed budget.
 - A file read sequentially (a read that starts where the previous one of the file ended) is read ahead
   within the file, up to `read_ahead`. A first read at offset 0 is not sequential: the dynamic loader
-  reads a library's ELF header, then maps only parts of it.
+  reads a library's ELF header, then maps only parts of it. Which parts it reads at once is in the
+  header, though: when the head of an ELF file arrives, the chunks of its dynamic section and writable
+  segment are fetched at once (`elf.loader_ranges`), while the loader maps the file, instead of one
+  round trip later.
 - Each chunk of a fetched range is decoded and verified on its own: a corrupt chunk fails alone (its
   readers get the FormatError, nothing is cached, the next read fetches it again); its neighbours are
   served.
@@ -51,11 +54,13 @@ import logging
 import math
 import time
 from collections import OrderedDict
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import trio
 
 from .cache import ChunkCache, LogThrottle
+from .elf import ELF_MAGIC, loader_ranges
 from .formats import Layer, Unverified
 from .formats.index import ZEROS, Chunk, LayerIndex
 from .formats.reader import DECODE_LIMIT, merge_spans
@@ -259,6 +264,8 @@ class Fetcher:
                             sequential,
                         )
                     datas = await self._demand(handle, list(ids))
+                    if offset == 0 and ix.chunk_count[ino] > 1 and datas[0][:4] == ELF_MAGIC:
+                        self._loader_ahead(handle, ino, datas[0])
                 except FetchTimeout as e:
                     late = e
             if scope.cancelled_caught or late is not None:
@@ -324,10 +331,24 @@ class Fetcher:
 
     def _read_ahead(self, handle: LayerHandle, last: int, file_end: int) -> None:
         """A file read sequentially: start fetching its next chunks (up to read_ahead bytes)."""
+        self._fetch_missing(handle, range(last + 1, file_end))
+
+    def _loader_ahead(self, handle: LayerHandle, ino: int, head: bytes) -> None:
+        """The head of an ELF file was just fetched: start fetching what the dynamic loader reads next
+        (its dynamic section and writable segment, usually in the file's last chunks)."""
+        ix = handle.layer.index
+        ids: list[int] = []
+        for offset, length in loader_ranges(head, ix.size[ino]):
+            ids.extend(c for c in ix.chunks_of(ino, offset, length) if c not in ids)
+        self._fetch_missing(handle, sorted(ids))
+
+    def _fetch_missing(self, handle: LayerHandle, candidates: Iterable[int]) -> None:
+        """Start fetching those of the candidate chunks that are neither local nor in flight, in order,
+        up to read_ahead declared decompressed bytes."""
         ix = handle.layer.index
         budget = self.options.read_ahead
         ids = []
-        for cid in range(last + 1, file_end):
+        for cid in candidates:
             budget -= _inflated(ix, cid)
             if budget < 0:
                 break

@@ -181,3 +181,37 @@ async def test_the_background_fetch_waits_for_the_start_to_settle(tmp_path: Path
     with trio.fail_after(5):
         await done.wait()
     assert handle.fetched_fraction() == 1.0 and trio.current_time() - started >= 0.7
+
+
+async def test_the_head_of_an_elf_file_brings_what_the_loader_reads_next(tmp_path: Path, nursery) -> None:
+    # ld.so reads the header, maps the file, then relocates its writable segment near the end of the
+    # file: that chunk is fetched as soon as the head arrives, not one round trip later; the code in
+    # between is left to the page faults that need it
+    from tests.unit.test_elf import PT_DYNAMIC, PT_LOAD, R, W, X, elf
+
+    mib = 1 << 20
+    segments = [(PT_LOAD, R | X, 0, 3 * mib), (PT_LOAD, R | W, 3 * mib + 4096, 65536)]
+    head = elf(True, "<", [*segments, (PT_DYNAMIC, R | W, 3 * mib + 8192, 512)])
+    body = head + im.pseudo_random(4 * mib - len(head), seed=7)
+    tar = im.Layer([im.File("usr/lib/libx.so.1", body), im.File("usr/lib/notes.txt", body[4:])]).tar()
+    blob, result = convert_bytes(tar, WriteOptions(chunk_size=mib))
+    source = CountingSource(blob)
+    handle = LayerHandle(await open_layer(source, result.toc_digest), "layer-elf", "elf layer")
+    cache = ChunkCache(tmp_path / "cache", 1 << 30, fsync=False)
+    await cache.open()
+    fetcher = Fetcher(cache, FetchOptions(merge_min=0, merge_cap=0))
+    await nursery.start(fetcher.run)
+    ix = handle.layer.index
+
+    lib = ix.find("usr/lib/libx.so.1")
+    assert await fetcher.read(handle, lib, 0, 4096) == body[:4096]
+    await trio.sleep(0.2)
+    assert source.requests == 2
+    assert fetcher.counters.bytes_on_demand < 2.2 * mib  # the head and the last chunk, not the code
+    assert await fetcher.read(handle, lib, 3 * mib + 4096, 65536) == body[3 * mib + 4096 : 3 * mib + 69632]
+    assert source.requests == 2  # already there
+
+    notes = ix.find("usr/lib/notes.txt")  # the same bytes without the magic: no guess
+    assert await fetcher.read(handle, notes, 0, 4096) == body[4:4100]
+    await trio.sleep(0.2)
+    assert source.requests == 3
