@@ -476,12 +476,39 @@ class Fetcher:
         ix = layer.index
         chunks = sorted((ix.chunk(cid) for cid in pendings), key=lambda c: (c.start, c.inner))
         started = time.monotonic()
+        head_done = trio.Event()
+        fired = False
+        head: list[Chunk] = []
         try:
             limiter = self._hosts.setdefault(handle.host, trio.CapacityLimiter(self.options.per_host))
             groups = merge_spans(chunks, cap=max(self.options.merge_cap, self.options.background_piece))
+            # what reads wait for at the start of the range is decoded as soon as it is in, while the
+            # neighbours fetched with it are still on the wire
+            first, end, members = groups[0]
+            head = [c for c in members if pendings[c.id].wanted]
+            head_end = max((c.end for c in head), default=end)
+            early = None
+            if head_end < end:
+
+                async def decode_head(data: bytes) -> None:  # its waiters are served whatever happens
+                    try:
+                        await self._decode_and_resolve(handle, pendings, kind, first, data, head)
+                    except BaseException as e:
+                        self._fail(handle, {c.id: pendings[c.id] for c in head}, e)
+                        raise
+                    finally:
+                        head_done.set()
+
+                def on_head(data: bytes) -> None:
+                    nonlocal fired
+                    if not fired:  # once, though a retried request streams the head again
+                        fired = True
+                        self._spawn(decode_head, data)
+
+                early = (head_end - first, on_head)
             async with limiter:
                 sent = time.monotonic()
-                datas = await layer.source.read_many([(s, e - s) for s, e, _ in groups])
+                datas = await layer.source.read_many([(s, e - s) for s, e, _ in groups], early)
                 took = time.monotonic() - sent
             self.counters.requests += 1
             self.counters.observe(time.monotonic() - started)
@@ -491,7 +518,7 @@ class Fetcher:
             self.counters.add_bytes(kind, fetched)
             if log.isEnabledFor(logging.DEBUG):
                 log.debug(
-                    "fetched %s: %s, %d chunks from %d, %d bytes in %d ranges, %.1f ms",
+                    "fetched %s: %s, %d chunks from %d, %d bytes in %d ranges, %.1f ms%s",
                     handle.name,
                     kind,
                     len(chunks),
@@ -499,9 +526,13 @@ class Fetcher:
                     fetched,
                     len(groups),
                     (time.monotonic() - started) * 1000,
+                    " (head early)" if fired else "",
                 )
+            if fired:
+                await head_done.wait()
             for (start, _end, members), data in zip(groups, datas, strict=True):
                 # what reads wait for first: its readers go on while the neighbours are decoded
+                members = [c for c in members if not pendings[c.id].done.is_set()]
                 wanted = [c for c in members if pendings[c.id].wanted]
                 rest = [c for c in members if not pendings[c.id].wanted]
                 for batch in (wanted, rest):
@@ -510,15 +541,18 @@ class Fetcher:
         except BaseException as e:  # resolve every waiter, then let cancellation propagate
             self.counters.errors += 1
             log.warning("fetch failed: %s: chunks %s: %s", handle.name, sorted(pendings), e)
-            for cid, p in pendings.items():
-                if not p.done.is_set():
-                    p.error = (
-                        e if isinstance(e, Exception) else FetchTimeout(f"{handle.name}: fetch cancelled")
-                    )
-                    self._pending.pop((handle.id, cid), None)
-                    p.done.set()
+            head_ids = {c.id for c in head} if fired else set()  # served by their own task
+            self._fail(handle, {c: p for c, p in pendings.items() if c not in head_ids}, e)
             if not isinstance(e, Exception):
                 raise
+
+    def _fail(self, handle: LayerHandle, pendings: dict[int, _Pending], e: BaseException) -> None:
+        """Every waiter of these chunks not yet served gets the error (a fetch cancelled: FetchTimeout)."""
+        for cid, p in pendings.items():
+            if not p.done.is_set():
+                p.error = e if isinstance(e, Exception) else FetchTimeout(f"{handle.name}: fetch cancelled")
+                self._pending.pop((handle.id, cid), None)
+                p.done.set()
 
     async def _decode_and_resolve(
         self,

@@ -341,7 +341,7 @@ class IndexBuilder:
             self.close_file()
             if kind == "hardlink":
                 self.add_hardlink(i, e, name)
-            elif kind in KIND_NAMES:
+            elif type(kind) is str and kind in KIND_NAMES:
                 self.add_entry(i, e, name, KIND_NAMES[kind])
             else:
                 raise self.fail(i, e, f"unknown type {kind!r}")

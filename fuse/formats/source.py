@@ -1,7 +1,9 @@
 """Random-access blob sources: "read these bytes" over HTTP ranges or a local file.
 
 A layer reader needs only the blob size and ranged reads; `read_many` lets a source serve several
-spans in one round trip (a multi-range request) where it can.
+spans in one round trip (a multi-range request) where it can, and hand over the head of its first span
+before the rest has arrived (`Early`: a reader waiting for the first chunk of a range goes on while its
+neighbours are still on the wire).
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ from typing import Protocol
 
 import trio
 
+from ..registry.ranges import Early
+
 
 class BlobSource(Protocol):
     size: int
@@ -19,7 +23,11 @@ class BlobSource(Protocol):
 
     async def read(self, offset: int, length: int) -> bytes: ...
 
-    async def read_many(self, spans: list[tuple[int, int]]) -> list[bytes]: ...
+    async def read_many(self, spans: list[tuple[int, int]], early: Early | None = None) -> list[bytes]:
+        """The bytes of each span. `early`, where the source streams, is called with the head of the
+        first span as soon as it is in, at most once per attempt (a retried request may call it again);
+        a source that does not stream never calls it."""
+        ...
 
 
 class BytesSource:
@@ -35,8 +43,10 @@ class BytesSource:
         self.reads.append((offset, length))
         return self.data[offset : offset + length]
 
-    async def read_many(self, spans: list[tuple[int, int]]) -> list[bytes]:
+    async def read_many(self, spans: list[tuple[int, int]], early: Early | None = None) -> list[bytes]:
         self.reads.extend(spans)
+        if early is not None and spans:
+            early[1](self.data[spans[0][0] : spans[0][0] + early[0]])
         return [self.data[o : o + n] for o, n in spans]
 
 
@@ -55,7 +65,7 @@ class FileSource:
 
         return await trio.to_thread.run_sync(pread)
 
-    async def read_many(self, spans: list[tuple[int, int]]) -> list[bytes]:
+    async def read_many(self, spans: list[tuple[int, int]], early: Early | None = None) -> list[bytes]:
         return [await self.read(o, n) for o, n in spans]
 
 
@@ -69,5 +79,5 @@ class RegistrySource:
     async def read(self, offset: int, length: int) -> bytes:
         return await self.client.read_range(self.ref, self.digest, offset, length)
 
-    async def read_many(self, spans: list[tuple[int, int]]) -> list[bytes]:
-        return await self.client.read_ranges(self.ref, self.digest, spans)
+    async def read_many(self, spans: list[tuple[int, int]], early: Early | None = None) -> list[bytes]:
+        return await self.client.read_ranges(self.ref, self.digest, spans, early)

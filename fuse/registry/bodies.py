@@ -13,6 +13,7 @@ from __future__ import annotations
 import httpx
 
 from .errors import ProtocolViolation, RangeNotSatisfiable
+from .ranges import Early
 
 
 def origin(resp: httpx.Response) -> str:
@@ -48,8 +49,9 @@ async def too_much(resp: httpx.Response, what: str, claim: str, limit: int) -> P
     )
 
 
-async def read_capped(resp: httpx.Response, cap: int, what: str) -> bytes:
-    """The whole body, which must be at most `cap` bytes (checked on the claim, then while reading)."""
+async def read_capped(resp: httpx.Response, cap: int, what: str, early: Early | None = None) -> bytes:
+    """The whole body, which must be at most `cap` bytes (checked on the claim, then while reading).
+    `early` (n, fn): fn(the body's first n bytes) as soon as they are in, before the rest."""
     claimed = claimed_length(resp)
     if claimed is not None and claimed > cap:
         raise await too_much(resp, what, f"claimed Content-Length {claimed}", cap)
@@ -58,6 +60,9 @@ async def read_capped(resp: httpx.Response, cap: int, what: str) -> bytes:
         buf += chunk
         if len(buf) > cap:
             raise await too_much(resp, what, f"sent over {len(buf)} bytes", cap)
+        if early is not None and len(buf) >= early[0]:
+            early[1](bytes(buf[: early[0]]))
+            early = None
     if claimed is not None and claimed != len(buf):
         raise ProtocolViolation(
             f"{what}: body of {len(buf)} bytes from {origin(resp)}, Content-Length said {claimed}"

@@ -50,6 +50,7 @@ from .errors import (
 )
 from .hosts import Endpoint, HostsConfig
 from .ranges import (
+    Early,
     Span,
     boundary_of,
     multipart_cap,
@@ -229,11 +230,16 @@ class RegistryClient:
     async def read_range(self, ref: Reference, digest: str, offset: int, length: int) -> bytes:
         return (await self.read_ranges(ref, digest, [(offset, length)]))[0]
 
-    async def read_ranges(self, ref: Reference, digest: str, spans: list[Span]) -> list[bytes]:
-        """The bytes of each (offset, length) span of a blob, in one request where the host allows."""
-        return await self._operation(self._read_ranges(ref, digest, spans))
+    async def read_ranges(
+        self, ref: Reference, digest: str, spans: list[Span], early: Early | None = None
+    ) -> list[bytes]:
+        """The bytes of each (offset, length) span of a blob, in one request where the host allows.
+        `early`: see `BlobSource.read_many` (called for a single span answered with one range)."""
+        return await self._operation(self._read_ranges(ref, digest, spans, early))
 
-    async def _read_ranges(self, ref: Reference, digest: str, spans: list[Span]) -> list[bytes]:
+    async def _read_ranges(
+        self, ref: Reference, digest: str, spans: list[Span], early: Early | None
+    ) -> list[bytes]:
         if not spans:
             return []
         if len(spans) > 1 and ref.host not in self._single_range_only:
@@ -248,16 +254,16 @@ class RegistryClient:
                 log.info("registry %s does not serve multi-range requests; using single ranges", ref.host)
                 self._single_range_only.add(ref.host)
 
-        async def one(span: Span) -> bytes:
+        async def one(span: Span, early: Early | None = None) -> bytes:
             headers = {"Range": range_header([span])}
             return (
                 await self._blob_request(
-                    ref, digest, headers, lambda r: self._take_ranges(r, [span], ref, digest)
+                    ref, digest, headers, lambda r: self._take_ranges(r, [span], ref, digest, early)
                 )
             )[0]
 
         if len(spans) == 1:
-            return [await one(spans[0])]
+            return [await one(spans[0], early)]
         results: list[bytes] = [b""] * len(spans)
 
         async def store(i: int, span: Span) -> None:
@@ -272,7 +278,7 @@ class RegistryClient:
         return results
 
     async def _take_ranges(
-        self, resp: httpx.Response, spans: list[Span], ref: Reference, digest: str
+        self, resp: httpx.Response, spans: list[Span], ref: Reference, digest: str, early: Early | None = None
     ) -> list[bytes]:
         """The requested spans out of a response, reading no more than they add up to (plus multipart
         framing): what the server claims in its headers bounds nothing."""
@@ -310,7 +316,7 @@ class RegistryClient:
                 f"{what}: the response did not contain requested bytes {missing} "
                 f"({origin(resp)} answered Content-Range {value!r})"
             )
-        body = await read_capped(resp, claimed, what)
+        body = await read_capped(resp, claimed, what, early if len(spans) == 1 else None)
         if len(body) != claimed:
             raise ProtocolViolation(f"{what}: body of {len(body)} bytes for Content-Range {first}-{last}")
         return slice_spans(spans, [(first, body)])

@@ -6,12 +6,14 @@ Spans are (offset, length) pairs with length > 0; HTTP ranges are inclusive (fir
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 
 from .errors import ProtocolViolation
 
 _CONTENT_RANGE = re.compile(r"^bytes (\d+)-(\d+)/(\d+|\*)$")
 
 Span = tuple[int, int]  # (offset, length)
+Early = tuple[int, Callable[[bytes], None]]  # (n, fn): fn(the first n bytes of a body) once they are in
 PART_OVERHEAD = 1024  # bytes a multipart/byteranges part may add to its data: delimiter and part headers
 
 

@@ -260,3 +260,23 @@ def test_a_token_service_streaming_gigabytes_is_refused(bad_registry) -> None:
     assert answer["error"] == "Unauthorized", answer
     assert re.search(rf"{reg.host} sent over \d+ bytes, more than the 262144 bytes", answer["message"])
     assert seconds < 10 and reg.sent < SENT_BOUND
+
+
+async def test_the_head_of_a_range_is_handed_over_before_the_rest(bad_registry, workdir: Path) -> None:
+    # the body stalls half way (then the connection resets and the read is retried): the head the
+    # caller asked for early is in its hands during the stall, long before the read ends
+    reg = bad_registry(stall_first=1, stall_seconds=1)
+    digest = reg.add_blob(DATA)
+    heads: list[tuple[float, bytes]] = []
+    async with client(workdir, request_timeout=5) as c:
+        start = trio.current_time()
+        got = await c.read_ranges(
+            Reference.parse(f"{reg.host}/{reg.repo}:x"),
+            digest,
+            [(1000, 200_000)],
+            (4096, lambda head: heads.append((trio.current_time() - start, head))),
+        )
+        took = trio.current_time() - start
+    assert got == [DATA[1000:201_000]]
+    assert heads and all(head == DATA[1000:5096] for _, head in heads)
+    assert heads[0][0] < 0.5 <= 1.0 <= took

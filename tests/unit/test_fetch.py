@@ -34,7 +34,7 @@ class CountingSource(BytesSource):
         self.gate: trio.Event | None = None  # requests wait until it is set
         self.broken = False
 
-    async def read_many(self, spans):
+    async def read_many(self, spans, early=None):
         self.requests += 1
         if self.delay:
             await trio.sleep(self.delay)
@@ -42,7 +42,7 @@ class CountingSource(BytesSource):
             await self.gate.wait()
         if self.broken:
             raise OSError("registry unreachable")
-        return await super().read_many(spans)
+        return await super().read_many(spans, early)
 
 
 async def setup(tmp_path: Path, options: FetchOptions | None = None, prioritized=()):
@@ -215,3 +215,32 @@ async def test_the_head_of_an_elf_file_brings_what_the_loader_reads_next(tmp_pat
     assert await fetcher.read(handle, notes, 0, 4096) == body[4:4100]
     await trio.sleep(0.2)
     assert source.requests == 3
+
+
+async def test_a_reader_goes_on_while_its_neighbours_are_still_arriving(tmp_path: Path, nursery) -> None:
+    # a miss fetches the chunk and its neighbours in one range; the reader of the first chunk is served
+    # as soon as that chunk is in, not when the whole range has arrived
+    class Streaming(CountingSource):
+        async def read_many(self, spans, early=None):
+            self.requests += 1
+            if early is not None:
+                early[1](self.data[spans[0][0] : spans[0][0] + early[0]])
+            assert self.gate is not None
+            await self.gate.wait()  # the rest of the range is slow to come
+            return [self.data[o : o + n] for o, n in spans]
+
+    blob, toc = layer_tar()
+    source = Streaming(blob)
+    source.gate = trio.Event()
+    handle = LayerHandle(await open_layer(source, toc), "layer-s", "streamed layer")
+    cache = ChunkCache(tmp_path / "cache", 1 << 30, fsync=False)
+    await cache.open()
+    fetcher = Fetcher(cache, FetchOptions(merge_min=1 << 20))
+    await nursery.start(fetcher.run)
+    ix = handle.layer.index
+    with trio.fail_after(5):
+        assert await fetcher.read(handle, ix.find("f00"), 0, 4096) == FILES["f00"][:4096]
+    assert source.requests == 1 and not source.gate.is_set()
+    source.gate.set()
+    assert await fetcher.read(handle, ix.find("f03"), 0, 100_003) == FILES["f03"]
+    assert source.requests == 1  # the neighbour came with it

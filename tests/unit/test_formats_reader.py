@@ -12,7 +12,7 @@ import tarfile
 
 import pytest
 import zstandard
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from fuse.formats import (
@@ -361,6 +361,7 @@ _toc_docs = st.one_of(
 
 @settings(max_examples=400, deadline=None)
 @given(_toc_docs, st.integers(1, 50), st.sampled_from([None, "\t", 1]), st.integers(0, 1 << 16))
+@example({"version": 1, "entries": [{"type": [], "name": ""}]}, 1, None, 0)  # a type that is no string
 def test_fuzzed_streamed_tocs_read_as_json_loads_reads_them(doc, piece: int, indent, cut: int) -> None:
     """The streamed TOC parser, whatever the piece boundaries, accepts and indexes exactly what
     json.loads + build_index does, and a truncated TOC is a FormatError, never another exception."""
