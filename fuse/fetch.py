@@ -18,8 +18,8 @@
   within the file, up to `read_ahead`. A first read at offset 0 is not sequential: the dynamic loader
   reads a library's ELF header, then maps only parts of it. Which parts it reads at once is in the
   header, though: when the head of an ELF file arrives, the chunks of its dynamic section and writable
-  segment are fetched at once (`elf.loader_ranges`), while the loader maps the file, instead of one
-  round trip later.
+  segment, and the heads of its interpreter and libraries, are fetched at once (`ahead.LoaderAhead`),
+  instead of one round trip after another as the loader reaches them.
 - Each chunk of a fetched range is decoded and verified on its own: a corrupt chunk fails alone (its
   readers get the FormatError, nothing is cached, the next read fetches it again); its neighbours are
   served.
@@ -54,13 +54,14 @@ import logging
 import math
 import time
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 import trio
 
+from .ahead import LoaderAhead
 from .cache import ChunkCache, LogThrottle
-from .elf import ELF_MAGIC, loader_ranges
+from .elf import ELF_MAGIC
 from .formats import Layer, Unverified
 from .formats.index import ZEROS, Chunk, LayerIndex
 from .formats.reader import DECODE_LIMIT, merge_spans
@@ -133,7 +134,8 @@ BUSY_PIECE_SECONDS = 0.05  # ... what the link carries in this long (at least 25
 class LinkEstimate:
     """What the fetcher has measured of one registry host: the fixed cost of a request (round trip,
     registry, client; seen in small requests) and the bandwidth (seen in large ones), as moving
-    averages. Concurrent requests share the link, so both err on the slow side: smaller merges."""
+    averages of requests that had the link to themselves (one sharing it would read as a slow link, and
+    a long latency means larger merges: a fetch that runs beside others fed more bytes into them)."""
 
     SMALL = 64 << 10
     LARGE = 256 << 10
@@ -141,6 +143,20 @@ class LinkEstimate:
     def __init__(self) -> None:
         self.latency: float | None = None  # seconds a request costs whatever its size
         self.bandwidth: float | None = None  # bytes/s
+        self._in_flight = 0
+        self._begun = 0
+
+    def begin(self) -> int:
+        """A request starts; the token `end` takes."""
+        self._in_flight += 1
+        self._begun += 1
+        return self._begun if self._in_flight == 1 else -1
+
+    def end(self, token: int) -> bool:
+        """A request ended: True when it had the link to itself from start to end (it is a measurement
+        of the link, not of the link's share it got)."""
+        self._in_flight -= 1
+        return token == self._begun
 
     def observe(self, nbytes: int, seconds: float) -> None:
         if nbytes <= self.SMALL:
@@ -219,6 +235,7 @@ class Fetcher:
         self._read_log = LogThrottle(log)
         self._bad_log = LogThrottle(log)
         self._task_log = LogThrottle(log)
+        self.ahead = LoaderAhead(self)  # what a starting program reads next (its `stack` set by the daemon)
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """Run the fetcher's nursery (fetches, cache writes, background work) until cancelled."""
@@ -264,8 +281,8 @@ class Fetcher:
                             sequential,
                         )
                     datas = await self._demand(handle, list(ids))
-                    if offset == 0 and ix.chunk_count[ino] > 1 and datas[0][:4] == ELF_MAGIC:
-                        self._loader_ahead(handle, ino, datas[0])
+                    if offset == 0 and datas[0][:4] == ELF_MAGIC:
+                        self.ahead.elf_head(handle, ino, datas[0])
                 except FetchTimeout as e:
                     late = e
             if scope.cancelled_caught or late is not None:
@@ -281,6 +298,11 @@ class Fetcher:
         else:
             memory.move_to_end((handle.id, ids[0]))
             self.counters.cache_hits += 1
+        return self.slice(ix, ids, datas, offset, end)
+
+    @staticmethod
+    def slice(ix: LayerIndex, ids: Sequence[int], datas: list[bytes], offset: int, end: int) -> bytes:
+        """Bytes [offset, end) of a file out of the chunks that hold them."""
         parts = []
         for cid, data in zip(ids, datas, strict=True):
             c_off = ix.c_file_offset[cid]
@@ -331,20 +353,11 @@ class Fetcher:
 
     def _read_ahead(self, handle: LayerHandle, last: int, file_end: int) -> None:
         """A file read sequentially: start fetching its next chunks (up to read_ahead bytes)."""
-        self._fetch_missing(handle, range(last + 1, file_end))
+        self.fetch_missing(handle, range(last + 1, file_end))
 
-    def _loader_ahead(self, handle: LayerHandle, ino: int, head: bytes) -> None:
-        """The head of an ELF file was just fetched: start fetching what the dynamic loader reads next
-        (its dynamic section and writable segment, usually in the file's last chunks)."""
-        ix = handle.layer.index
-        ids: list[int] = []
-        for offset, length in loader_ranges(head, ix.size[ino]):
-            ids.extend(c for c in ix.chunks_of(ino, offset, length) if c not in ids)
-        self._fetch_missing(handle, sorted(ids))
-
-    def _fetch_missing(self, handle: LayerHandle, candidates: Iterable[int]) -> None:
+    def fetch_missing(self, handle: LayerHandle, candidates: Iterable[int]) -> list[int]:
         """Start fetching those of the candidate chunks that are neither local nor in flight, in order,
-        up to read_ahead declared decompressed bytes."""
+        up to read_ahead declared decompressed bytes; the chunks it fetches."""
         ix = handle.layer.index
         budget = self.options.read_ahead
         ids = []
@@ -365,6 +378,7 @@ class Fetcher:
             ids.append(cid)
         if ids:
             self._start(handle, ids, "demand")
+        return ids
 
     async def _disk_part(self, handle: LayerHandle, cid: int, offset: int, length: int) -> bytes | None:
         key = self._cache_key(handle, cid)
@@ -453,9 +467,9 @@ class Fetcher:
     def _start(self, handle: LayerHandle, ids: list[int], kind: str) -> None:
         """Register chunks as in flight and start fetching them in the fetcher's nursery."""
         pendings = {cid: self._pending.setdefault((handle.id, cid), _Pending()) for cid in ids}
-        self._spawn(self._fetch, handle, pendings, kind)
+        self.spawn(self._fetch, handle, pendings, kind)
 
-    def _spawn(self, fn, *args: object) -> None:
+    def spawn(self, fn, *args: object) -> None:
         """Start a task in the fetcher's nursery, guarded."""
         assert self._nursery is not None, "Fetcher.run() is not running"
         self._nursery.start_soon(self._guarded, fn, *args)
@@ -503,18 +517,22 @@ class Fetcher:
                     nonlocal fired
                     if not fired:  # once, though a retried request streams the head again
                         fired = True
-                        self._spawn(decode_head, data)
+                        self.spawn(decode_head, data)
 
                 early = (head_end - first, on_head)
+            link = self._link(handle)
             async with limiter:
-                sent = time.monotonic()
-                datas = await layer.source.read_many([(s, e - s) for s, e, _ in groups], early)
+                sent, alone = time.monotonic(), link.begin()
+                try:
+                    datas = await layer.source.read_many([(s, e - s) for s, e, _ in groups], early)
+                finally:
+                    alone = link.end(alone)
                 took = time.monotonic() - sent
             self.counters.requests += 1
             self.counters.observe(time.monotonic() - started)
             fetched = sum(len(d) for d in datas)
-            if len(groups) == 1:
-                self._link(handle).observe(fetched, took)
+            if len(groups) == 1 and alone:  # requests sharing the link would read as a slow link
+                link.observe(fetched, took)
             self.counters.add_bytes(kind, fetched)
             if log.isEnabledFor(logging.DEBUG):
                 log.debug(
@@ -590,7 +608,7 @@ class Fetcher:
         pending.done.set()
         self._remember((handle.id, cid), data)
         if store_now:  # waiters go on at once; the cache write happens beside them
-            self._spawn(self._store, handle, cid, data)
+            self.spawn(self._store, handle, cid, data)
 
     def _reject(self, handle: LayerHandle, cid: int, pending: _Pending, error: Exception) -> None:
         """A chunk that did not decode or verify: its waiters get the error; nothing is kept, so the

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import errno
+import itertools
 import json
 import logging
 import os
@@ -110,6 +111,8 @@ class _Entry:
     handle: LayerHandle
     image: str  # the reference it was first pulled as
     refs: int = 0
+    lower: list[str] = dataclasses.field(default_factory=list)  # the layers below, nearest first (paths)
+    used: int = 0  # when a snapshot last took it (a count): which image's stack a reader most likely sees
 
 
 class RemoteLayers:
@@ -141,7 +144,9 @@ class RemoteLayers:
         self.fallbacks: Counter[str] = Counter()
         self._nursery: trio.Nursery | None = None
         self._max_slot = 0
+        self._uses = itertools.count(1)
         self.stopped: str | None = None  # why the data path stopped (LazyRuntime): no lazy pulls then
+        fetcher.ahead.stack = self.stack
 
     def path(self, name: str) -> str:
         return str(self.mountpoint / name)
@@ -242,7 +247,20 @@ class RemoteLayers:
             finally:
                 self._opening.pop(name).set()
         entry.refs += 1
+        entry.lower = lower or entry.lower
+        entry.used = next(self._uses)
         return name
+
+    def stack(self, handle: LayerHandle) -> list[LayerHandle]:
+        """The lazy layers a process reading this layer most likely sees, top first: the chain of the
+        topmost layer above it (of the image whose snapshot took a layer last), or its own."""
+        me = self._layers.get(handle.id)
+        if me is None:
+            return [handle]
+        here = self.path(me.name)
+        top = max((e for e in self._layers.values() if here in e.lower), key=lambda e: e.used, default=me)
+        by_path = {self.path(n): e for n, e in self._layers.items()}
+        return [top.handle, *(by_path[p].handle for p in top.lower if p in by_path)]
 
     def release(self, name: str) -> None:
         """One snapshot fewer uses the layer; the last one unmounts it and deletes its stored TOC."""

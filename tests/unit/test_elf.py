@@ -9,10 +9,14 @@ import subprocess
 import sys
 
 import pytest
+import trio
 
-from fuse.elf import loader_ranges
+from fuse.ahead import needed
+from fuse.elf import interpreter, library_dirs, loader_ranges, parse_header
+from tests.harness import images as im
 
-PT_LOAD, PT_DYNAMIC, PT_NOTE = 1, 2, 4
+PT_LOAD, PT_DYNAMIC, PT_INTERP, PT_NOTE = 1, 2, 3, 4
+DT_NULL, DT_NEEDED, DT_STRTAB, DT_STRSZ, DT_RUNPATH = 0, 1, 5, 10, 29
 R, W, X = 4, 2, 1
 
 
@@ -86,3 +90,114 @@ def test_a_real_executable_agrees_with_readelf() -> None:
         if f and (f[0] == "DYNAMIC" or (f[0] == "LOAD" and "W" in "".join(f[6:-1]))):
             want.append((int(f[1], 16), int(f[4], 16)))
     assert got == want
+
+
+def program(
+    size: int,
+    needs: list[str],
+    *,
+    interp: str | None = "/lib64/ld-linux-x86-64.so.2",
+    runpath: str | None = None,
+    dynamic_at: int | None = None,
+    wide: bool = True,
+    order: str = "<",
+) -> bytes:
+    """A dynamically linked ELF file as a linker lays it out: the interpreter's path and the dynamic
+    string table in the first (read-only) segment, the dynamic section in the writable one at
+    `dynamic_at` (default: the last 4 KiB), pseudo-random code in between."""
+    dynamic_at = size - 4096 if dynamic_at is None else dynamic_at
+    base = 0x400000  # where the read-only segment is mapped; the writable one one page further
+    strtab = b"\0"
+    offsets = []
+    for name in [*needs, *([runpath] if runpath else [])]:
+        offsets.append(len(strtab))
+        strtab += name.encode() + b"\0"
+    entries = [(DT_NEEDED, off) for off in offsets[: len(needs)]]
+    entries += [(DT_STRTAB, base + 0x800), (DT_STRSZ, len(strtab))]
+    entries += [(DT_RUNPATH, offsets[-1])] if runpath else []
+    entries += [(DT_NULL, 0)]
+    dynamic = b"".join(struct.pack(order + ("qQ" if wide else "iI"), t, v) for t, v in entries)
+    phdrs = [(PT_LOAD, R | X, 0, dynamic_at)]
+    if interp:
+        phdrs.append((PT_INTERP, R, 0x400, len(interp) + 1))
+    phdrs += [(PT_LOAD, R | W, dynamic_at, len(dynamic)), (PT_DYNAMIC, R | W, dynamic_at, len(dynamic))]
+    head = bytearray(elf(wide, order, phdrs))
+    # vaddr = base + offset for the first segment, + one page for the second: patch the headers
+    ph = 64 if wide else 52
+    for i, (_t, _f, off, _n) in enumerate(phdrs):
+        vaddr = base + off + (0x1000 if off >= dynamic_at else 0)
+        at = ph + i * (56 if wide else 32) + (16 if wide else 8)
+        struct.pack_into(order + ("Q" if wide else "I"), head, at, vaddr)
+    body = bytearray(im.pseudo_random(size, seed=len(needs)))
+    body[: len(head)] = head
+    if interp:
+        body[0x400 : 0x400 + len(interp) + 1] = interp.encode() + b"\0"
+    body[0x800 : 0x800 + len(strtab)] = strtab
+    body[dynamic_at : dynamic_at + len(dynamic)] = dynamic
+    return bytes(body)
+
+
+async def needs_of(data: bytes) -> tuple[str | None, list[str], str | None]:
+    header = parse_header(data[:16384])
+    assert header is not None
+
+    async def read(offset: int, n: int) -> bytes:
+        return data[offset : offset + n]
+
+    return (interpreter(header, data[:16384]), *await needed(header, read))
+
+
+@pytest.mark.parametrize("wide", [True, False])
+@pytest.mark.parametrize("order", ["<", ">"])
+async def test_what_a_program_needs(wide: bool, order: str) -> None:
+    data = program(
+        64 << 10, ["libfoo.so.1", "libc.so.6"], runpath="$ORIGIN/../lib:/opt/x", wide=wide, order=order
+    )
+    assert await needs_of(data) == (
+        "/lib64/ld-linux-x86-64.so.2",
+        ["libfoo.so.1", "libc.so.6"],
+        "$ORIGIN/../lib:/opt/x",
+    )
+    assert await needs_of(program(64 << 10, [], interp=None)) == (None, [], None)
+
+
+async def test_a_dynamic_section_that_lies_gives_nothing_usable() -> None:
+    data = bytearray(program(64 << 10, ["libfoo.so.1"]))
+    struct.pack_into("<qQ", data, len(data) - 4096 + 16, DT_STRTAB, 0x7FFF_0000)  # a table in no segment
+    assert await needs_of(bytes(data)) == ("/lib64/ld-linux-x86-64.so.2", [], None)
+    data = bytearray(program(64 << 10, ["libfoo.so.1"]))
+    struct.pack_into("<qQ", data, len(data) - 4096, DT_NEEDED, 1 << 40)  # a name far outside the table
+    assert (await needs_of(bytes(data)))[1] == []
+
+
+def test_where_the_loader_looks() -> None:
+    header = parse_header(program(64 << 10, []))
+    assert header is not None
+    assert library_dirs(header, "$ORIGIN/../lib:relative:/opt/x", "/app/bin") == [
+        "/app/lib",
+        "/opt/x",
+        "/lib/x86_64-linux-gnu",
+        "/usr/lib/x86_64-linux-gnu",
+        "/lib64",
+        "/usr/lib64",
+        "/lib",
+        "/usr/lib",
+        "/usr/local/lib",
+    ]
+
+
+def test_a_real_program_needs_what_readelf_says() -> None:
+    path = os.path.realpath(sys.executable)
+    if shutil.which("readelf") is None:
+        pytest.skip("readelf (binutils) is not installed")
+    with open(path, "rb") as f:
+        data = f.read()
+    out = subprocess.run(["readelf", "-dlW", path], capture_output=True, text=True, check=True).stdout
+    want_needed = [line.split("[", 1)[1].rstrip("]") for line in out.splitlines() if "(NEEDED)" in line]
+    interp = [line.split(": ")[1].rstrip("]") for line in out.splitlines() if "interpreter:" in line]
+    paths = [line.split("[", 1)[1].rstrip("]") for line in out.splitlines() if "PATH)" in line]
+    assert trio.run(needs_of, data) == (
+        interp[0] if interp else None,
+        want_needed,
+        paths[0] if paths else None,
+    )

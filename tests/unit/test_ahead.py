@@ -1,0 +1,125 @@
+"""fuse.ahead: a program's interpreter and libraries are fetched as soon as its head arrives, found as
+the loader finds them, across the layers a process sees."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import trio
+
+from fuse.ahead import MAX_HOPS, resolve
+from fuse.cache import ChunkCache
+from fuse.fetch import Fetcher, FetchOptions, LayerHandle
+from fuse.formats import BytesSource, open_layer
+from snapshotter.convert.writer import WriteOptions, convert_bytes
+from tests.harness import images as im
+from tests.unit.test_elf import program
+
+MIB = 1 << 20
+
+
+class Counted(BytesSource):
+    def __init__(self, data: bytes, name: str):
+        super().__init__(data, name)
+        self.requests = 0
+
+    async def read_many(self, spans, early=None):
+        self.requests += 1
+        return await super().read_many(spans, early)
+
+
+async def handle_of(entries: list, name: str, chunk_size: int = MIB) -> LayerHandle:
+    blob, result = convert_bytes(im.Layer(entries).tar(), WriteOptions(chunk_size=chunk_size))
+    return LayerHandle(await open_layer(Counted(blob, name), result.toc_digest), name, name)
+
+
+# a Debian 12 layout: /lib is a symlink into /usr, libraries are versioned files behind soname links
+BASE = [
+    im.Symlink("lib", "usr/lib"),
+    im.Symlink("lib64", "usr/lib64"),
+    im.Symlink("usr/lib64/ld-linux-x86-64.so.2", "../lib/x86_64-linux-gnu/ld-linux-x86-64.so.2"),
+    im.File("usr/lib/x86_64-linux-gnu/ld-linux-x86-64.so.2", program(64 << 10, [], interp=None)),
+    im.Symlink("usr/lib/x86_64-linux-gnu/libc.so.6", "libc-2.36.so"),
+    im.File("usr/lib/x86_64-linux-gnu/libc-2.36.so", program(2 * MIB, ["ld-linux-x86-64.so.2"])),
+    im.File("usr/lib/x86_64-linux-gnu/libunused.so.1", program(64 << 10, ["libc.so.6"], interp=None)),
+    im.Symlink("etc/alternatives/libblas.so.3", "/usr/lib/x86_64-linux-gnu/blas/libblas.so.3.11.0"),
+    im.Symlink("usr/lib/x86_64-linux-gnu/libblas.so.3", "/etc/alternatives/libblas.so.3"),
+    im.File("usr/lib/x86_64-linux-gnu/blas/libblas.so.3.11.0", program(MIB, ["libc.so.6"], interp=None)),
+    im.File("etc/ld.so.cache", b"glibc-ld.so.cache1.1" + im.pseudo_random(20_000, seed=5)),
+    im.Symlink("loop/a", "b"),
+    im.Symlink("loop/b", "a"),
+]
+ORIGIN = "$ORIGIN/../lib"
+APP = [
+    im.File(
+        "app/bin/tool",
+        program(3 * MIB, ["libapp.so.2", "libc.so.6", "libblas.so.3"], runpath="$ORIGIN/../lib"),
+    ),
+    im.File("app/lib/libapp.so.2", program(MIB, ["libc.so.6", "libnowhere.so.9"], interp=None)),
+    im.File("app/notes.txt", b"not a program"),
+]
+
+
+async def test_paths_resolve_as_a_process_sees_them() -> None:
+    base, app = await handle_of(BASE, "base"), await handle_of(APP, "app")
+    stack = [app, base]
+
+    def found(path: str) -> str | None:
+        got = resolve(stack, path)
+        return None if got is None else f"{got[0].name}:{got[0].layer.index.path(got[1])}"
+
+    assert found("/lib/x86_64-linux-gnu/libc.so.6") == "base:usr/lib/x86_64-linux-gnu/libc-2.36.so"
+    assert found("/lib64/ld-linux-x86-64.so.2") == "base:usr/lib/x86_64-linux-gnu/ld-linux-x86-64.so.2"
+    assert (
+        found("/usr/lib/x86_64-linux-gnu/libblas.so.3")
+        == "base:usr/lib/x86_64-linux-gnu/blas/libblas.so.3.11.0"
+    )
+    assert found("/app/bin/../lib/libapp.so.2") == "app:app/lib/libapp.so.2"
+    assert found("/app/bin/./tool") == "app:app/bin/tool"
+    assert found("/usr/lib/x86_64-linux-gnu/missing.so") is None
+    assert found("/usr/lib/x86_64-linux-gnu") is None  # a directory is no file to load
+    assert found("/loop/a") is None  # a symlink loop ends after MAX_HOPS
+    assert MAX_HOPS <= 40
+    assert resolve([base], "/app/bin/tool") is None  # not in the layers this process sees
+
+
+@pytest.mark.parametrize("read", ["app/bin/tool", "app/notes.txt"])
+async def test_the_head_of_a_program_brings_its_loader_and_libraries(
+    tmp_path: Path, nursery, read: str
+) -> None:
+    base, app = await handle_of(BASE, "base"), await handle_of(APP, "app")
+    cache = ChunkCache(tmp_path / "cache", 1 << 30, fsync=False)
+    await cache.open()
+    fetcher = Fetcher(cache, FetchOptions(merge_min=0, merge_cap=0, background=False))
+    fetcher.ahead.stack = lambda handle: [app, base]
+    await nursery.start(fetcher.run)
+
+    data = await fetcher.read(app, app.layer.index.find(read), 0, 4096)
+    assert data[:4] == (b"\x7fELF" if read.startswith("app/bin") else b"not ")
+    await trio.sleep(0.5)
+
+    def local(handle: LayerHandle, path: str) -> list[bool]:
+        """Which chunks of a file are in memory or in the cache now."""
+        ix = handle.layer.index
+        ino = ix.find(path)
+        return [
+            (handle.id, c) in fetcher._memory or bool(handle.cached[c])
+            for c in range(ix.first_chunk[ino], ix.first_chunk[ino] + ix.chunk_count[ino])
+        ]
+
+    if read == "app/notes.txt":  # no program: nothing guessed
+        assert base.layer.source.requests == 0
+        return
+    assert local(app, "app/bin/tool") == [True, False, True]  # the head, and the dynamic section's chunk
+    assert local(app, "app/lib/libapp.so.2") == [True]  # found through RUNPATH $ORIGIN/../lib
+    assert local(base, "usr/lib/x86_64-linux-gnu/libc-2.36.so") == [True, True]  # and libc's dynamic section
+    assert local(base, "usr/lib/x86_64-linux-gnu/ld-linux-x86-64.so.2") == [True]  # the interpreter
+    assert local(base, "etc/ld.so.cache") == [True]  # which reads its cache first
+    assert local(base, "usr/lib/x86_64-linux-gnu/blas/libblas.so.3.11.0") == [True]  # behind two symlinks
+    assert local(base, "usr/lib/x86_64-linux-gnu/libunused.so.1") == [False]  # nobody needs it
+    requests = base.layer.source.requests + app.layer.source.requests
+    # a second program needing the same libraries costs nothing more
+    await fetcher.read(app, app.layer.index.find("app/bin/tool"), 0, 4096)
+    await trio.sleep(0.2)
+    assert base.layer.source.requests + app.layer.source.requests == requests
