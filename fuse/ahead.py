@@ -19,11 +19,11 @@ import logging
 import posixpath
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING
 
 import trio
 
 from .elf import (
+    ELF_MAGIC,
     MAX_NAME,
     Header,
     dynamic_range,
@@ -34,17 +34,15 @@ from .elf import (
     parse_header,
     string_at,
 )
+from .fetch import Fetcher, LayerHandle
 from .formats.index import REG, SYMLINK
-
-if TYPE_CHECKING:
-    from .fetch import Fetcher, LayerHandle
 
 log = logging.getLogger("lazysnap.ahead")
 FOLLOWED = 4096  # files whose libraries were looked up, remembered (least recently seen go first)
 MAX_HOPS = 16  # symlinks followed resolving one path (the kernel's limit is 40)
 LD_SO_CACHE = "/etc/ld.so.cache"
 
-Stack = Callable[["LayerHandle"], list["LayerHandle"]]
+Stack = Callable[[LayerHandle], list[LayerHandle]]  # the layers a reader of this one sees, top first
 
 
 def resolve(stack: list[LayerHandle], path: str) -> tuple[LayerHandle, int] | None:
@@ -104,16 +102,18 @@ async def needed(header: Header, read: Reader) -> tuple[list[str], str | None]:
 
 
 class LoaderAhead:
-    def __init__(self, fetcher: Fetcher):
+    """Installed on a fetcher (`Fetcher.on_head`); `stack` says where a reader's libraries are."""
+
+    def __init__(self, fetcher: Fetcher, stack: Stack | None = None):
         self.fetcher = fetcher
-        self.stack: Stack = lambda handle: [handle]
+        self.stack: Stack = stack or (lambda handle: [handle])
         self._followed: OrderedDict[tuple[str, int], None] = OrderedDict()
+        fetcher.on_head = self.elf_head
 
     def elf_head(self, handle: LayerHandle, ino: int, head: bytes) -> None:
         """The first chunk of a file was fetched for a read at offset 0: when it is an ELF file,
         start fetching what the loader reads next."""
-        header = parse_header(head)
-        if header is None:
+        if head[:4] != ELF_MAGIC or (header := parse_header(head)) is None:
             return
         ix = handle.layer.index
         if ix.chunk_count[ino] > 1:

@@ -18,8 +18,8 @@
   within the file, up to `read_ahead`. A first read at offset 0 is not sequential: the dynamic loader
   reads a library's ELF header, then maps only parts of it. Which parts it reads at once is in the
   header, though: when the head of an ELF file arrives, the chunks of its dynamic section and writable
-  segment, and the heads of its interpreter and libraries, are fetched at once (`ahead.LoaderAhead`),
-  instead of one round trip after another as the loader reaches them.
+  segment, and the heads of its interpreter and libraries, are fetched at once (`ahead.LoaderAhead`,
+  called through `on_head`), instead of one round trip after another as the loader reaches them.
 - Each chunk of a fetched range is decoded and verified on its own: a corrupt chunk fails alone (its
   readers get the FormatError, nothing is cached, the next read fetches it again); its neighbours are
   served.
@@ -43,8 +43,9 @@
   until the layer needs no network. While on-demand reads are recent (`BUSY_WINDOW`), its pieces are
   what the link carries in `BUSY_PIECE_SECONDS`, so a read that comes meanwhile shares the link with a
   small request only; once the start has settled, pieces are `background_piece` at full speed.
-- Decompression and verification run in worker threads (`formats.reader.DECODE_LIMIT`); requests to
-  one registry host are bounded by a per-host limiter.
+- Decompression and verification run in worker threads (`formats.reader.DECODE_LIMIT`), but for
+  chunks of at most `INLINE_DECODE` bytes, which take less time than the hop to a thread (~0.1 ms);
+  requests to one registry host are bounded by a per-host limiter.
 """
 
 from __future__ import annotations
@@ -54,14 +55,12 @@ import logging
 import math
 import time
 from collections import OrderedDict
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 import trio
 
-from .ahead import LoaderAhead
 from .cache import ChunkCache, LogThrottle
-from .elf import ELF_MAGIC
 from .formats import Layer, Unverified
 from .formats.index import ZEROS, Chunk, LayerIndex
 from .formats.reader import DECODE_LIMIT, merge_spans
@@ -126,6 +125,7 @@ class Counters:
                 return
 
 
+INLINE_DECODE = 64 << 10  # compressed and declared decompressed bytes decoded on the event loop
 MERGE_UNMEASURED = 128 << 10  # neighbours' budget before a host's link is measured
 BUSY_WINDOW = 10.0  # seconds after an on-demand read during which background pieces stay small
 BUSY_PIECE_SECONDS = 0.05  # ... what the link carries in this long (at least 256 KiB)
@@ -235,7 +235,8 @@ class Fetcher:
         self._read_log = LogThrottle(log)
         self._bad_log = LogThrottle(log)
         self._task_log = LogThrottle(log)
-        self.ahead = LoaderAhead(self)  # what a starting program reads next (its `stack` set by the daemon)
+        # called with the first chunk of a file fetched for a read at offset 0 (ahead.LoaderAhead)
+        self.on_head: Callable[[LayerHandle, int, bytes], None] | None = None
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """Run the fetcher's nursery (fetches, cache writes, background work) until cancelled."""
@@ -281,8 +282,8 @@ class Fetcher:
                             sequential,
                         )
                     datas = await self._demand(handle, list(ids))
-                    if offset == 0 and datas[0][:4] == ELF_MAGIC:
-                        self.ahead.elf_head(handle, ino, datas[0])
+                    if offset == 0 and self.on_head is not None:
+                        self.on_head(handle, ino, datas[0])
                 except FetchTimeout as e:
                     late = e
             if scope.cancelled_caught or late is not None:
@@ -581,9 +582,14 @@ class Fetcher:
         data: bytes,
         members: list[Chunk],
     ) -> None:
-        decoded = await trio.to_thread.run_sync(
-            handle.layer.decode_members, start, data, members, limiter=DECODE_LIMIT
-        )
+        ix = handle.layer.index
+        small = sum(c.end - c.start for c in members) <= INLINE_DECODE
+        if small and sum(_inflated(ix, c.id) for c in members) <= INLINE_DECODE:
+            decoded = handle.layer.decode_members(start, data, members)  # tens of us: no thread hop
+        else:
+            decoded = await trio.to_thread.run_sync(
+                handle.layer.decode_members, start, data, members, limiter=DECODE_LIMIT
+            )
         bonus = {}  # chunks a format decoded along with those asked for (a plain layer's whole span)
         for cid, result in decoded.items():
             if cid not in pendings:

@@ -34,6 +34,7 @@ from pathlib import Path
 import trio
 
 from fuse import soci
+from fuse.ahead import LoaderAhead
 from fuse.fetch import Fetcher, LayerHandle
 from fuse.formats import (
     FormatError,
@@ -146,7 +147,7 @@ class RemoteLayers:
         self._max_slot = 0
         self._uses = itertools.count(1)
         self.stopped: str | None = None  # why the data path stopped (LazyRuntime): no lazy pulls then
-        fetcher.ahead.stack = self.stack
+        LoaderAhead(fetcher, self.stack)
 
     def path(self, name: str) -> str:
         return str(self.mountpoint / name)
@@ -309,6 +310,7 @@ class RemoteLayers:
 
     async def _read_toc(self, req: LayerRequest) -> _Toc:
         what = f"{req.ref} layer {req.digest}"
+        began = trio.current_time()
         try:
             desc = await self._descriptor(req)
             expected = req.toc_digest or expected_toc_digest(desc.get("annotations"))
@@ -320,8 +322,18 @@ class RemoteLayers:
                         "not-lazy", f"{what}: no TOC digest (not an accelerated layer) and no SOCI index"
                     )
                 return found
+            fetching = trio.current_time()
             footer, toc = await fetch_toc(source)
+            indexing = trio.current_time()
             layer = await layer_from_toc(source, footer, toc, expected)
+            log.debug(
+                "TOC of %s: descriptor %.1f ms, fetched %d bytes in %.1f ms, indexed in %.1f ms",
+                what,
+                (fetching - began) * 1000,
+                len(toc),
+                (indexing - fetching) * 1000,
+                (trio.current_time() - indexing) * 1000,
+            )
         except NotLazy as e:
             raise Fallback("not-lazy", e.reason) from None
         except Unverified as e:

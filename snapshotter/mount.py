@@ -35,6 +35,7 @@ from pathlib import Path
 import trio
 
 from fuse import soci
+from fuse.ahead import LoaderAhead
 from fuse.cache import ChunkCache
 from fuse.fetch import Fetcher, FetchOptions, LayerHandle
 from fuse.formats import FormatError, NotLazy, RegistrySource, Unverified, open_layer
@@ -147,6 +148,8 @@ async def _run(args: argparse.Namespace) -> None:
         fetcher = Fetcher(
             cache, FetchOptions(read_timeout=args.read_timeout, background=not args.no_background)
         )
+        top_first = handles[::-1]
+        LoaderAhead(fetcher, lambda _handle: top_first)  # a program's libraries, from the whole image
         await serve(
             fetcher,
             handles,

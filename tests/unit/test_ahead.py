@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from fuse.ahead import MAX_HOPS, resolve
+from fuse.ahead import MAX_HOPS, LoaderAhead, resolve
 from fuse.cache import ChunkCache
 from fuse.fetch import Fetcher, FetchOptions, LayerHandle
 from fuse.formats import BytesSource, open_layer
@@ -92,7 +92,7 @@ async def test_the_head_of_a_program_brings_its_loader_and_libraries(
     cache = ChunkCache(tmp_path / "cache", 1 << 30, fsync=False)
     await cache.open()
     fetcher = Fetcher(cache, FetchOptions(merge_min=0, merge_cap=0, background=False))
-    fetcher.ahead.stack = lambda handle: [app, base]
+    LoaderAhead(fetcher, lambda handle: [app, base])
     await nursery.start(fetcher.run)
 
     data = await fetcher.read(app, app.layer.index.find(read), 0, 4096)

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import trio
 
+from fuse.ahead import LoaderAhead
 from fuse.cache import ChunkCache
 from fuse.fetch import MERGE_UNMEASURED, Fetcher, FetchOptions, FetchTimeout, LayerHandle, LinkEstimate
 from fuse.formats import BytesSource, open_layer
@@ -200,6 +201,7 @@ async def test_the_head_of_an_elf_file_brings_what_the_loader_reads_next(tmp_pat
     cache = ChunkCache(tmp_path / "cache", 1 << 30, fsync=False)
     await cache.open()
     fetcher = Fetcher(cache, FetchOptions(merge_min=0, merge_cap=0))
+    LoaderAhead(fetcher)
     await nursery.start(fetcher.run)
     ix = handle.layer.index
 
