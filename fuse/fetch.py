@@ -447,7 +447,7 @@ class Fetcher:
         between requests: each decode inflates only what its own chunk needs)."""
         ix = handle.layer.index
         wanted_end = ix.c_end[cid]
-        neighbours = self._link(handle).neighbours(self.options.merge_min, self.options.merge_cap)
+        neighbours = self.link(handle).neighbours(self.options.merge_min, self.options.merge_cap)
         plan = [cid]
         budget = self.options.inflate_cap
         nxt = cid + 1
@@ -521,7 +521,7 @@ class Fetcher:
                         self.spawn(decode_head, data)
 
                 early = (head_end - first, on_head)
-            link = self._link(handle)
+            link = self.link(handle)
             async with limiter:
                 sent, alone = time.monotonic(), link.begin()
                 try:
@@ -648,7 +648,7 @@ class Fetcher:
             _, old = self._memory.popitem(last=False)
             self._memory_bytes -= len(old)
 
-    def _link(self, handle: LayerHandle) -> LinkEstimate:
+    def link(self, handle: LayerHandle) -> LinkEstimate:
         link = self.links.get(handle.host)
         if link is None:
             link = self.links[handle.host] = LinkEstimate()
@@ -699,7 +699,7 @@ class Fetcher:
         """Small pieces while a container may still be starting, large ones once it has settled."""
         if trio.current_time() - self._last_demand > BUSY_WINDOW:
             return self.options.background_piece
-        small = self._link(handle).worth(BUSY_PIECE_SECONDS, 256 << 10)
+        small = self.link(handle).worth(BUSY_PIECE_SECONDS, 256 << 10)
         return max(256 << 10, min(self.options.background_piece, small))
 
     async def _walk(self, handle: LayerHandle, ids: list[int], kind: str, piece: int, rate: float) -> None:

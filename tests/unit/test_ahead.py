@@ -3,6 +3,7 @@ the loader finds them, across the layers a process sees."""
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,7 @@ from fuse.formats import BytesSource, open_layer
 from snapshotter.convert.writer import WriteOptions, convert_bytes
 from tests.harness import images as im
 from tests.unit.test_elf import program
+from tests.unit.test_pyimports import pyc
 
 MIB = 1 << 20
 
@@ -123,3 +125,41 @@ async def test_the_head_of_a_program_brings_its_loader_and_libraries(
     await fetcher.read(app, app.layer.index.find("app/bin/tool"), 0, 4096)
     await trio.sleep(0.2)
     assert base.layer.source.requests + app.layer.source.requests == requests
+
+
+PY = [
+    im.File("app/__pycache__/main.cpython-311.pyc", pyc("import pkg\nfrom pkg import sub\nimport nowhere\n")),
+    im.File("app/pkg/__init__.py", b""),
+    im.File("app/pkg/__pycache__/__init__.cpython-311.pyc", pyc("from . import helper\n")),
+    im.File("app/pkg/__pycache__/helper.cpython-311.pyc", pyc("X = 1\n")),
+    im.File("app/pkg/__pycache__/sub.cpython-311.pyc", pyc("Y = 2\n")),
+    im.File("app/pkg/__pycache__/unused.cpython-311.pyc", pyc("Z = 3\n")),
+    *[im.File(f"app/data/filler{i}", im.pseudo_random(300_000, seed=i)) for i in range(4)],
+]
+
+
+@pytest.mark.parametrize("round_trip", [0.05, 0.001])
+async def test_a_compiled_module_brings_what_it_imports_where_round_trips_are_long(
+    tmp_path: Path, nursery, round_trip: float
+) -> None:
+    if sys.version_info[:2] != (3, 11):
+        pytest.skip("the test modules are compiled by this Python; the layout names cpython-311")
+    app = await handle_of(PY, "py")
+    cache = ChunkCache(tmp_path / "cache", 1 << 30, fsync=False)
+    await cache.open()
+    fetcher = Fetcher(cache, FetchOptions(merge_min=0, merge_cap=0, background=False))
+    LoaderAhead(fetcher)
+    fetcher.link(app).latency, fetcher.link(app).bandwidth = round_trip, 1e8  # as measured
+    await nursery.start(fetcher.run)
+    ix = app.layer.index
+
+    await fetcher.read(app, ix.find("app/__pycache__/main.cpython-311.pyc"), 0, 4096)
+    await trio.sleep(0.5)
+    here = {
+        name: bool(app.cached[ix.first_chunk[ino]]) or (app.id, ix.first_chunk[ino]) in fetcher._memory
+        for name in ("__init__", "helper", "sub", "unused")
+        if (ino := ix.find(f"app/pkg/__pycache__/{name}.cpython-311.pyc")) is not None
+    }
+    long = round_trip > 0.01
+    # the package, the submodule imported from it, and what the package imports in turn
+    assert here == {"__init__": long, "helper": long, "sub": long, "unused": False}
