@@ -55,7 +55,7 @@ MAX_HOPS = 16  # symlinks followed resolving one path (the kernel's limit is 40)
 LD_SO_CACHE = "/etc/ld.so.cache"
 MAX_ROOTS = 16  # directories Python programs import top-level modules from (stdlib, dist-packages...)
 LISTINGS = 512  # directory listings kept for module lookups
-PY_AHEAD_LATENCY = 0.010  # s: a registry round trip at least this long makes imports worth guessing
+PY_AHEAD_LATENCY = 0.010  # s: a round trip (beyond the transfer) this long makes imports worth guessing
 PY_SCANS = trio.CapacityLimiter(1)  # compiled modules read for their imports at once (CPU: ~0.5 ms each)
 
 Stack = Callable[[LayerHandle], list[LayerHandle]]  # the layers a reader of this one sees, top first
@@ -143,7 +143,7 @@ class LoaderAhead:
         elif (where := compiled(handle.layer.index.path(ino))) is not None:
             # on a link with short round trips the next import's miss costs less than a wrong guess:
             # measured at 100 Mbit/s and 1 ms, guesses made starts slower (they take the link from reads)
-            if (self.fetcher.link(handle).latency or 0.0) >= PY_AHEAD_LATENCY and self._first(handle, ino):
+            if (self.fetcher.link(handle).round_trip or 0.0) >= PY_AHEAD_LATENCY and self._first(handle, ino):
                 self.fetcher.spawn(self._follow_python, handle, where, head)
 
     def _first(self, handle: LayerHandle, ino: int) -> bool:

@@ -141,8 +141,9 @@ class LinkEstimate:
     LARGE = 256 << 10
 
     def __init__(self) -> None:
-        self.latency: float | None = None  # seconds a request costs whatever its size
+        self.latency: float | None = None  # seconds a small request costs (its few bytes included)
         self.bandwidth: float | None = None  # bytes/s
+        self.round_trip: float | None = None  # seconds a request costs beyond its bytes' transfer
         self._in_flight = 0
         self._begun = 0
 
@@ -161,6 +162,9 @@ class LinkEstimate:
     def observe(self, nbytes: int, seconds: float) -> None:
         if nbytes <= self.SMALL:
             self.latency = seconds if self.latency is None else 0.8 * self.latency + 0.2 * seconds
+            if self.bandwidth is not None:
+                fixed = max(seconds - nbytes / self.bandwidth, 0.0)
+                self.round_trip = fixed if self.round_trip is None else 0.8 * self.round_trip + 0.2 * fixed
         elif nbytes >= self.LARGE:
             transfer = seconds - min(self.latency or 0.0, seconds / 2)
             bw = nbytes / max(transfer, 1e-6)

@@ -246,3 +246,19 @@ async def test_a_reader_goes_on_while_its_neighbours_are_still_arriving(tmp_path
     source.gate.set()
     assert await fetcher.read(handle, ix.find("f03"), 0, 100_003) == FILES["f03"]
     assert source.requests == 1  # the neighbour came with it
+
+
+def test_the_round_trip_leaves_out_the_transfer() -> None:
+    # on a 10 Mbit/s link a 60 KB request takes 49 ms, nearly all of it transfer: its round trip is
+    # 1 ms (what decides whether guessing the next reads pays, fuse.ahead)
+    slow = LinkEstimate()
+    slow.observe(1 << 20, 0.001 + (1 << 20) / 1.25e6)
+    for _ in range(10):
+        slow.observe(60_000, 0.001 + 60_000 / 1.25e6)
+    assert slow.latency is not None and slow.latency > 0.04
+    assert slow.round_trip is not None and slow.round_trip < 0.005
+    far = LinkEstimate()  # 100 Mbit/s, 20 ms away
+    far.observe(1 << 20, 0.02 + (1 << 20) / 1.25e7)
+    for _ in range(10):
+        far.observe(60_000, 0.02 + 60_000 / 1.25e7)
+    assert far.round_trip is not None and far.round_trip > 0.015
