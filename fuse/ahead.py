@@ -55,6 +55,8 @@ MAX_HOPS = 16  # symlinks followed resolving one path (the kernel's limit is 40)
 LD_SO_CACHE = "/etc/ld.so.cache"
 MAX_ROOTS = 16  # directories Python programs import top-level modules from (stdlib, dist-packages...)
 LISTINGS = 512  # directory listings kept for module lookups
+MAX_LISTING = 20_000  # entries of a directory listed for them (dist-packages: ~1,000); a larger one is not
+MAX_STRINGS = 256 << 10  # bytes of an ELF string table read for library names (libc's: ~25 KiB)
 PY_AHEAD_LATENCY = 0.010  # s: a round trip (beyond the transfer) this long makes imports worth guessing
 PY_SCANS = trio.CapacityLimiter(1)  # compiled modules read for their imports at once (CPU: ~0.5 ms each)
 
@@ -116,6 +118,7 @@ async def needed(header: Header, read: Reader) -> tuple[list[str], str | None]:
     low, high = min(offsets), max(offsets) + MAX_NAME
     if dynamic.strsz:
         high = min(high, dynamic.strsz)
+    high = min(high, low + MAX_STRINGS)  # a lying table is read no further than real ones reach
     if not 0 <= low < high:
         return [], None
     table = await read(dynamic.strtab + low, high - low)
@@ -238,7 +241,7 @@ class LoaderAhead:
             names: set[str] = set()
             for h in stack:
                 ino = h.layer.index.find(path)
-                if ino is not None:
+                if ino is not None and h.layer.index.child_count[ino] <= MAX_LISTING:
                     names.update(name for name, _ in h.layer.index.children(ino))
             cached = self._listings[(key, path)] = frozenset(names)
             if len(self._listings) > LISTINGS:

@@ -201,3 +201,23 @@ def test_a_real_program_needs_what_readelf_says() -> None:
         want_needed,
         paths[0] if paths else None,
     )
+
+
+async def test_a_lying_string_table_is_read_no_further_than_real_ones_reach() -> None:
+    # names 3 MiB apart in a table that claims 1 GiB: what is read stays within MAX_STRINGS
+    from fuse.ahead import MAX_STRINGS
+
+    data = bytearray(program(4 << 20, ["libfoo.so.1", "libbar.so.2"]))
+    at = len(data) - 4096
+    struct.pack_into("<qQ", data, at + 16, DT_NEEDED, 3 << 20)
+    struct.pack_into("<qQ", data, at + 48, DT_STRSZ, 1 << 30)
+    header = parse_header(bytes(data[:16384]))
+    assert header is not None
+    asked: list[int] = []
+
+    async def read(offset: int, n: int) -> bytes:
+        asked.append(n)
+        return bytes(data[offset : offset + n])
+
+    names, _ = await needed(header, read)
+    assert names == ["libfoo.so.1"] and max(asked) <= MAX_STRINGS
