@@ -93,3 +93,31 @@ async def test_a_cancelled_restore_leaves_no_reader_waiting(tmp_path: Path) -> N
             except pyfuse3.FUSEError as e:
                 got.append(e.errno)
     assert got == [errno.EIO]
+
+
+async def test_the_stack_a_reader_sees_is_the_chain_of_the_image_that_took_it_last(tmp_path: Path) -> None:
+    # fuse.ahead finds a program's libraries in the layers its container sees: for a layer shared by
+    # two images, the chain of the image whose snapshot took a layer last, top first
+    layer = im.Layer([im.File("hello", b"hi\n")])
+    blob, result = convert_bytes(layer.tar())
+    footer, toc = await fetch_toc(BytesSource(blob))
+    meta = {"ref": "127.0.0.1:1/r:v1", "size": len(blob), "toc_digest": result.toc_digest}
+    root = tmp_path / "root"
+    names = ["sha256-base", "sha256-app1", "sha256-app2", "sha256-alone"]
+    for slot, name in enumerate(names, start=1):
+        record(root, name, {**meta, "digest": "sha256:" + f"{slot}" * 64, "slot": slot}, footer, toc)
+    fs = LazyFS(Fetcher(ChunkCache(tmp_path / "cache", 1 << 20, fsync=False), FetchOptions()))
+    async with anonymous_client() as client:
+        layers = RemoteLayers(root, root / "mnt", fs, fs.fetcher, client, background=False)
+        assert await layers.restore(dict.fromkeys(names, 1)) == []
+        entry = layers._layers
+        entry["sha256-app1"].lower = [layers.path("sha256-base"), "/var/lib/a/local-snapshot"]
+        entry["sha256-app2"].lower = [layers.path("sha256-base")]
+        entry["sha256-app1"].used, entry["sha256-app2"].used = 1, 2
+        handles = {n: e.handle for n, e in entry.items()}
+        stack = lambda name: [h.id for h in layers.stack(handles[name])]  # noqa: E731
+        assert stack("sha256-base") == ["sha256-app2", "sha256-base"]  # app2 took a layer last
+        assert stack("sha256-app1") == ["sha256-app1", "sha256-base"]  # a local snapshot is no lazy layer
+        assert stack("sha256-alone") == ["sha256-alone"]
+        entry["sha256-app1"].used = 3
+        assert stack("sha256-base") == ["sha256-app1", "sha256-base"]
