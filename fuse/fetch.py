@@ -91,6 +91,8 @@ class FetchOptions:
     background_delay: float = 3.0  # ... and this long after the last layer was mounted
     read_ahead: int = 8 << 20  # a file read sequentially: fetch this much of what follows
     merge_min: int = 32 << 10  # neighbours' bytes a miss fetches at least (the link decides up to merge_cap)
+    write_quiet: float = 0.25  # chunks read on demand go to the disk cache once no miss came for this long
+    write_backlog: int = 64 << 20  # ... or at once, beyond this many bytes waiting
 
 
 @dataclass
@@ -225,6 +227,10 @@ class Fetcher:
         self._pending: dict[tuple[str, int], _Pending] = {}
         self._memory: OrderedDict[tuple[str, int], bytes] = OrderedDict()
         self._memory_bytes = 0
+        # read on demand, not yet in the disk cache: written once the start has settled (write_quiet)
+        self._unwritten: OrderedDict[tuple[str, int], tuple[LayerHandle, bytes]] = OrderedDict()
+        self._unwritten_bytes = 0
+        self._writing = False
         self._positions: OrderedDict[tuple[str, int], int] = (
             OrderedDict()
         )  # where each file's last read ended
@@ -375,6 +381,7 @@ class Fetcher:
                 ix.c_storage[cid] == ZEROS
                 or key in self._pending
                 or key in self._memory
+                or key in self._unwritten
                 or handle.cached[cid]
             ):
                 continue
@@ -416,6 +423,10 @@ class Fetcher:
             self._memory.move_to_end(key)
             self.counters.cache_hits += 1
             return data
+        if (kept := self._unwritten.get(key)) is not None:  # out of memory, not yet on disk
+            self.counters.cache_hits += 1
+            self._remember(key, kept[1])
+            return kept[1]
         ix = handle.layer.index
         if ix.c_storage[cid] == ZEROS:  # never made whole (a TOC may declare 1 GiB): read() slices zeros
             return b""
@@ -463,7 +474,7 @@ class Fetcher:
             if ix.c_end[nxt] - wanted_end > neighbours or budget < 0:
                 break
             key = (handle.id, nxt)
-            if handle.cached[nxt] or key in self._pending or key in self._memory:
+            if handle.cached[nxt] or key in self._pending or key in self._memory or key in self._unwritten:
                 break
             plan.append(nxt)
             nxt += 1
@@ -617,8 +628,52 @@ class Fetcher:
         self._pending.pop((handle.id, cid), None)
         pending.done.set()
         self._remember((handle.id, cid), data)
-        if store_now:  # waiters go on at once; the cache write happens beside them
-            self.spawn(self._store, handle, cid, data)
+        if store_now:  # waiters go on at once; the cache write comes later
+            self._write_later(handle, cid, data)
+
+    def _write_later(self, handle: LayerHandle, cid: int, data: bytes) -> None:
+        """Queue a chunk for the disk cache. Creating a file per chunk took a tenth of the daemon's CPU
+        in a start (and the GIL from the reads' handlers): writes wait until no miss came for
+        `write_quiet`, up to `write_backlog` bytes, beyond which the oldest are written at once."""
+        key = (handle.id, cid)
+        if key in self._unwritten or handle.cached[cid]:
+            return
+        self._unwritten[key] = (handle, data)
+        self._unwritten_bytes += len(data)
+        while self._unwritten_bytes > self.options.write_backlog:
+            (_, old), (old_handle, old_data) = self._unwritten.popitem(last=False)
+            self._unwritten_bytes -= len(old_data)
+            self.spawn(self._store, old_handle, old, old_data)
+        if not self._writing:
+            self._writing = True
+            self.spawn(self._write_behind)
+
+    async def flush(self) -> None:
+        """Write every chunk still waiting for the disk cache now (a planned stop keeps what it read)."""
+        while self._unwritten:
+            key, (handle, data) = next(iter(self._unwritten.items()))
+            if handle.closed:
+                self._unwritten.pop(key)
+                self._unwritten_bytes -= len(data)
+            else:
+                await self._store(handle, key[1], data)
+
+    async def _write_behind(self) -> None:
+        try:
+            while self._unwritten:
+                while (wait := self.options.write_quiet - (trio.current_time() - self._last_demand)) > 0:
+                    await trio.sleep(wait)
+                await self._demand_idle.wait()
+                if not self._unwritten:
+                    break
+                key, (handle, data) = next(iter(self._unwritten.items()))
+                if handle.closed:
+                    self._unwritten.pop(key)
+                    self._unwritten_bytes -= len(data)
+                    continue
+                await self._store(handle, key[1], data)
+        finally:
+            self._writing = False
 
     def _reject(self, handle: LayerHandle, cid: int, pending: _Pending, error: Exception) -> None:
         """A chunk that did not decode or verify: its waiters get the error; nothing is kept, so the
@@ -632,6 +687,8 @@ class Fetcher:
     async def _store(self, handle: LayerHandle, cid: int, data: bytes) -> bool:
         """Put a chunk in the disk cache; False when the cache could not store it (counted, logged
         once per interval): the chunk stays served from memory and the network."""
+        if (kept := self._unwritten.pop((handle.id, cid), None)) is not None:
+            self._unwritten_bytes -= len(kept[1])
         if handle.cached[cid]:
             return True
         try:
@@ -731,8 +788,8 @@ class Fetcher:
                 key = (handle.id, cid)
                 if handle.cached[cid] or self.cache.contains(self._cache_key(handle, cid)):
                     handle.cached[cid] = 1
-                elif key in self._memory:  # fetched on demand, its cache write may still be running
-                    await self._store(handle, cid, self._memory[key])
+                elif (kept := self._memory.get(key) or self._unwritten.get(key, (None, None))[1]) is not None:
+                    await self._store(handle, cid, kept)  # fetched on demand, not yet written
                 elif key in self._pending:
                     await self._pending[key].done.wait()
                 else:

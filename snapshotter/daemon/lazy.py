@@ -33,6 +33,7 @@ __all__ = ["LazyRuntime", "RemoteBridge", "ServedFS", "ServingStopped"]
 log = logging.getLogger("lazysnap.lazy")
 STOP_GRACE = 5.0  # seconds requests in flight may take to finish when the daemon stops
 KEEP_GRACE = 0.02  # the same when the next daemon takes the mount over (it gets the rest resent)
+FLUSH_GRACE = 3.0  # seconds a stop spends writing chunks still waiting for the disk cache
 
 
 class ServedFS(LazyFS):
@@ -130,6 +131,8 @@ class LazyRuntime:
         """Stop serving. With `keep` (a holder or a successor has the connection) the mount is left to
         the next daemon: requests in flight get `KEEP_GRACE`, what is left unanswered is resent to it.
         Otherwise in-flight requests get `STOP_GRACE` and the mount goes, holder or not."""
+        with trio.move_on_after(FLUSH_GRACE):  # while still serving: chunks read lately reach the disk
+            await self.fetcher.flush()
         if keep:  # the registry client stays open: handlers still running must not fail for it
             await self.cache.flush()
             # without FUSE_NOTIFY_RESEND nothing left unanswered would ever be answered: let it finish

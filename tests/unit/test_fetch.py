@@ -262,3 +262,35 @@ def test_the_round_trip_leaves_out_the_transfer() -> None:
     for _ in range(10):
         far.observe(60_000, 0.02 + 60_000 / 1.25e7)
     assert far.round_trip is not None and far.round_trip > 0.015
+
+
+async def test_cache_writes_wait_until_the_start_settles(tmp_path: Path, nursery) -> None:
+    # a file created per chunk cost a tenth of the daemon's CPU in a start: chunks read on demand go to
+    # the disk once no miss came for write_quiet, and are served from the queue meanwhile
+    source, handle, fetcher = await setup(
+        tmp_path, FetchOptions(write_quiet=0.4, memory_cache=1, merge_min=0, merge_cap=0)
+    )
+    await nursery.start(fetcher.run)
+    ix = handle.layer.index
+    assert await fetcher.read(handle, ix.find("f00"), 0, 100_000) == FILES["f00"]
+    await trio.sleep(0.1)
+    assert fetcher.cache.stats().entries == 0
+    fetcher._memory.clear()
+    assert await fetcher.read(handle, ix.find("f00"), 0, 100_000) == FILES["f00"]
+    assert source.requests == 1  # not fetched again while waiting for the disk
+    await trio.sleep(0.6)
+    assert fetcher.cache.stats().entries == 1
+
+
+async def test_cache_writes_go_at_once_beyond_the_backlog(tmp_path: Path, nursery) -> None:
+    source, handle, fetcher = await setup(
+        tmp_path, FetchOptions(write_quiet=60, write_backlog=250_000, merge_min=0, merge_cap=0)
+    )
+    await nursery.start(fetcher.run)
+    ix = handle.layer.index
+    for name in ("f00", "f01", "f02", "f03"):
+        assert await fetcher.read(handle, ix.find(name), 0, 200_000) == FILES[name]
+    await trio.sleep(0.2)
+    assert fetcher.cache.stats().entries == 2  # 400 KB read, 200 KB may wait
+    await fetcher.flush()  # a planned stop writes the rest
+    assert fetcher.cache.stats().entries == 4

@@ -203,7 +203,7 @@ async def test_a_full_cache_disk_never_stops_reads_and_makes_room(tmp_path: Path
             for name, data in FILES.items():
                 assert await fetcher.read(handle, ix.find(name), 0, 200_000) == data
             assert await fetcher.read(handle, ix.find("big"), 0, 4 * MiB) == BIG
-            await trio.sleep(0.05)  # cache writes run beside the reads
+            await fetcher.flush()  # what waits for the disk cache
         await fetcher.background(handle)  # the background walk runs into the full disk too
         st = cache.stats()
         assert st.effective_limit <= 2 * MiB < st.limit  # it learned what fits
@@ -226,7 +226,7 @@ async def test_a_cache_that_refuses_every_write_is_counted_and_logged_once(
     caplog.set_level(logging.WARNING, "lazysnap.fetch")
     for name, data in FILES.items():
         assert await fetcher.read(handle, ix.find(name), 0, 200_000) == data
-    await trio.sleep(0.05)
+    await fetcher.flush()
     assert fetcher.counters.cache_write_errors >= len(FILES)
     failures = [r for r in caplog.records if "chunk cache write failed" in r.getMessage()]
     assert len(failures) == 1  # once per interval, not once per chunk
@@ -247,7 +247,7 @@ async def test_a_read_only_cache_disk_serves_what_it_holds_and_fetches_the_rest(
         await nursery.start(fetcher.run)
         ix = handle.layer.index
         assert await fetcher.read(handle, ix.find("f00"), 0, 200_000) == FILES["f00"]
-        await trio.sleep(0.05)
+        await fetcher.flush()
         subprocess.run(["mount", "-o", "remount,ro", str(disk)], check=True)
         fetcher2 = Fetcher(cache, FetchOptions())
         await nursery.start(fetcher2.run)
@@ -257,7 +257,7 @@ async def test_a_read_only_cache_disk_serves_what_it_holds_and_fetches_the_rest(
         assert source.requests == requests
         for name in ("f12", "f13"):  # not cached, cannot be: fetched, served, counted
             assert await fetcher2.read(handle2, ix.find(name), 0, 200_000) == FILES[name]
-        await trio.sleep(0.05)
+        await fetcher2.flush()
         assert fetcher2.counters.cache_write_errors > 0 and cache.stats().write_errors > 0
 
 
@@ -316,7 +316,7 @@ async def test_a_corrupt_chunk_fails_alone_and_is_fetched_again(tmp_path: Path, 
             await fetcher.read(handle, ix.find("bad"), 0, 4096)
         assert source.requests == 1 + attempt
     assert fetcher.counters.bad_chunks == 3
-    await trio.sleep(0.05)
+    await fetcher.flush()
     st = cache.stats()
     assert st.entries == 2  # good and after; never the bad one
 
@@ -354,7 +354,7 @@ async def test_a_stalled_cache_disk_read_is_bounded_by_the_timeout(
     ix = handle.layer.index
     big = ix.find("big")
     assert await fetcher.read(handle, big, 0, 10) == BIG[:10]
-    await trio.sleep(0.1)  # stored
+    await fetcher.flush()  # stored
     fetcher._memory.clear()  # only the disk holds it now
 
     async def stalled_get(*args, **kw):
