@@ -128,6 +128,7 @@ class Counters:
 
 
 INLINE_DECODE = 64 << 10  # compressed and declared decompressed bytes decoded on the event loop
+DECODE_RATE = 200e6  # compressed bytes/s a core turns into verified chunks (ISA-L inflate + sha256, here)
 MERGE_UNMEASURED = 128 << 10  # neighbours' budget before a host's link is measured
 BUSY_WINDOW = 10.0  # seconds after an on-demand read during which background pieces stay small
 BUSY_PIECE_SECONDS = 0.05  # ... what the link carries in this long (at least 256 KiB)
@@ -177,10 +178,13 @@ class LinkEstimate:
         return default if self.bandwidth is None else int(self.bandwidth * seconds)
 
     def neighbours(self, low: int, high: int) -> int:
-        """Neighbouring bytes worth fetching with a miss: what the link carries in one request's time."""
+        """Neighbouring bytes worth fetching with a miss: what the link carries in one request's time,
+        at the rate fetched bytes become usable (the link's, and decoding them: on a fast link the
+        neighbours are not free, their decoding is what a start waits for)."""
         if self.latency is None or self.bandwidth is None:
             return max(low, min(high, MERGE_UNMEASURED))
-        return max(low, min(high, int(self.bandwidth * self.latency)))
+        rate = 1 / (1 / self.bandwidth + 1 / DECODE_RATE)
+        return max(low, min(high, int(rate * self.latency)))
 
 
 class LayerHandle:

@@ -52,6 +52,7 @@ DEFAULT_CACHE = Path("/var/lib/lazysnap/cache")
 SAFE_VIEW = "nosuid,nodev"  # the view's options unless --allow-suid-dev
 TRUSTED_VIEW = "suid,dev"
 UNMOUNT_TIMEOUT = 10.0  # seconds a clean unmount of the view may take before it is detached instead
+FLUSH_TIMEOUT = 3.0  # seconds spent writing chunks still waiting for the chunk cache at the end
 
 
 class MountError(Exception):
@@ -263,8 +264,11 @@ async def _serve_mounted(
         for handle in handles:
             nursery.start_soon(_background, fuse, handle)
         await _until_unmounted_or_signalled(mountpoint, receiver)
-        # the view first, while the layers are still served; then FUSE's loop
+        # what was read lately goes to the chunk cache; the view first, while the layers are still
+        # served; then FUSE's loop
         with trio.CancelScope(shield=True):
+            with trio.move_on_after(FLUSH_TIMEOUT):
+                await fuse.fetcher.flush()
             await _unmount_view(mountpoint)
             await fuse.stop(UNMOUNT_TIMEOUT)
         nursery.cancel_scope.cancel()
