@@ -8,9 +8,11 @@
   small files, which are often read next), in the same range, as many bytes of them as the link makes
   worth it: a neighbour fetched now saves a request later if it is read, and costs its transfer time
   whether or not it is. So the neighbours' budget is what the link carries in the time one request
-  costs (bandwidth x per-request latency, both measured per registry host: `LinkEstimate`), between
-  `merge_min` and `merge_cap` compressed bytes: about 60 KB at 100 Mbit/s with a 5 ms request, the
-  whole 1 MiB on a fast link or with 20 ms round trips. Every request also stays within `inflate_cap`
+  costs (per-request latency x the rate fetched bytes become usable: the link's bandwidth, both
+  measured per registry host (`LinkEstimate`), and the data path's own `DECODE_RATE`), between
+  `merge_min` and `merge_cap` compressed bytes: about 55 KB at 100 Mbit/s with a 5 ms request, about
+  150 KB on a 1 GB/s link with 2 ms requests (more would cost more decoding than the round trips it
+  saves), 1 MiB with 100 ms round trips. Every request also stays within `inflate_cap`
   decompressed bytes as the TOC declares them (innerOffset + size per chunk: what decoding it
   inflates), so a small read of a hostile layer cannot inflate gigabytes. Prefetch and background
   pieces keep to the same decompressed budget.
@@ -128,7 +130,9 @@ class Counters:
 
 
 INLINE_DECODE = 64 << 10  # compressed and declared decompressed bytes decoded on the event loop
-DECODE_RATE = 200e6  # compressed bytes/s a core turns into verified chunks (ISA-L inflate + sha256, here)
+DECODE_RATE = (
+    80e6  # compressed bytes/s the data path turns into served chunks (HTTP, ISA-L, sha256; measured)
+)
 MERGE_UNMEASURED = 128 << 10  # neighbours' budget before a host's link is measured
 BUSY_WINDOW = 10.0  # seconds after an on-demand read during which background pieces stay small
 BUSY_PIECE_SECONDS = 0.05  # ... what the link carries in this long (at least 256 KiB)
