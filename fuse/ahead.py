@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import logging
 import posixpath
+import weakref
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 
@@ -47,10 +48,13 @@ from .elf import (
 )
 from .fetch import Fetcher, LayerHandle
 from .formats.index import REG, SYMLINK
-from .pyimports import compiled, imports, module_file, root_of
+from .pyimports import Listed, compiled, imports, module_files, root_of
 
 log = logging.getLogger("lazysnap.ahead")
-FOLLOWED = 4096  # files whose libraries were looked up, remembered (least recently seen go first)
+MAX_GUESSES = 16  # guesses followed at once (each may hold a chunk and a request)
+MAX_DIRS = 32  # library directories searched (RUNPATH may name thousands)
+MAX_PYC = 4 << 20  # compiled modules larger than this are not read for imports
+MAX_LISTED = 200_000  # directory entries kept in cached listings, in all
 MAX_HOPS = 16  # symlinks followed resolving one path (the kernel's limit is 40)
 LD_SO_CACHE = "/etc/ld.so.cache"
 MAX_ROOTS = 16  # directories Python programs import top-level modules from (stdlib, dist-packages...)
@@ -133,9 +137,11 @@ class LoaderAhead:
     def __init__(self, fetcher: Fetcher, stack: Stack | None = None):
         self.fetcher = fetcher
         self.stack: Stack = stack or (lambda handle: [handle])
-        self._followed: OrderedDict[tuple[str, int], None] = OrderedDict()
+        self._followed: weakref.WeakKeyDictionary[LayerHandle, bytearray] = weakref.WeakKeyDictionary()
+        self._running = trio.CapacityLimiter(MAX_GUESSES)  # guesses followed at once (each holds data)
         self._roots: dict[str, None] = {}  # where the Python programs seen import top-level modules from
-        self._listings: OrderedDict[tuple[tuple[str, ...], str], frozenset[str]] = OrderedDict()
+        self._listings: OrderedDict[tuple[tuple[str, ...], str], Listed] = OrderedDict()
+        self._listed = 0  # names in all cached listings
         fetcher.on_head = self.head
 
     def head(self, handle: LayerHandle, ino: int, head: bytes) -> None:
@@ -146,59 +152,73 @@ class LoaderAhead:
         elif (where := compiled(handle.layer.index.path(ino))) is not None:
             # on a link with short round trips the next import's miss costs less than a wrong guess:
             # measured at 100 Mbit/s and 1 ms, guesses made starts slower (they take the link from reads)
-            if (self.fetcher.link(handle).round_trip or 0.0) >= PY_AHEAD_LATENCY and self._first(handle, ino):
-                self.fetcher.spawn(self._follow_python, handle, where, head)
+            long = (self.fetcher.link(handle).round_trip or 0.0) >= PY_AHEAD_LATENCY
+            if long and len(head) <= MAX_PYC and self._first(handle, ino):
+                self.fetcher.spawn(self._guess, self._follow_python, handle, where, head)
 
     def _first(self, handle: LayerHandle, ino: int) -> bool:
-        """True the first time a file is followed (of the last FOLLOWED)."""
-        key = (handle.id, ino)
-        if key in self._followed:
-            self._followed.move_to_end(key)
+        """True the first time a file is followed (exactly: a bit per inode of the layer, gone with
+        its handle; an import cycle or many images never make a file followed twice)."""
+        seen = self._followed.get(handle)
+        if seen is None:
+            seen = self._followed[handle] = bytearray(len(handle.layer.index.kind))  # inodes from 1
+        if not 0 <= ino < len(seen) or seen[ino]:
             return False
-        self._followed[key] = None
-        if len(self._followed) > FOLLOWED:
-            self._followed.popitem(last=False)
+        seen[ino] = 1
         return True
+
+    def _was_followed(self, handle: LayerHandle, ino: int) -> bool:
+        seen = self._followed.get(handle)
+        return seen is not None and 0 <= ino < len(seen) and bool(seen[ino])
 
     def elf_head(self, handle: LayerHandle, ino: int, head: bytes) -> None:
         if (header := parse_header(head)) is None:
             return
         ix = handle.layer.index
         if ix.chunk_count[ino] > 1:
-            ids: list[int] = []
+            budget = self.fetcher.options.read_ahead  # what fetch_missing takes at most: list no more
+            ids: dict[int, None] = {}
             for offset, length in loader_ranges(head, ix.size[ino]):
-                ids.extend(c for c in ix.chunks_of(ino, offset, length) if c not in ids)
+                ids.update(dict.fromkeys(ix.chunks_of(ino, offset, min(length, budget))))
             started = self.fetcher.fetch_missing(handle, sorted(ids))
             if log.isEnabledFor(logging.DEBUG):
-                what = (handle.name, ix.path(ino), ids, started)
+                what = (handle.name, ix.path(ino), list(ids), started)
                 log.debug("ahead %s: %s: loader reads chunks %s, fetching %s", *what)
         if self._first(handle, ino):
-            self.fetcher.spawn(self._follow, handle, ino, header, head)
+            self.fetcher.spawn(self._guess, self._follow, handle, ino, header, interpreter(header, head))
 
-    async def _follow(self, handle: LayerHandle, ino: int, header: Header, head: bytes) -> None:
+    async def _guess(self, follow, *args: object) -> None:
+        """Run one guess, bounded in number; a guess that fails is no error of anybody's."""
+        try:
+            async with self._running:
+                with trio.move_on_after(self.fetcher.options.read_timeout):
+                    await follow(*args)
+        except Exception as e:
+            log.debug("guess %s stopped: %s: %s", follow.__name__, type(e).__name__, e)
+
+    async def _follow(self, handle: LayerHandle, ino: int, header: Header, interp: str | None) -> None:
         """Find the interpreter and the needed libraries; fetch each one's head (and so on)."""
         stack = self.stack(handle)
         path = "/" + handle.layer.index.path(ino)
-        interp = interpreter(header, head)
         if interp is not None:  # the kernel opens it right after the header: before the dynamic section
             self._fetch_head(resolve(stack, interp))
             if "ld-linux" in interp:  # glibc's loader reads its cache of library paths first
                 if (cache := resolve(stack, LD_SO_CACHE)) is not None:
                     self.fetcher.fetch_missing(cache[0], cache[0].layer.index.chunks_of(cache[1]))
-        with trio.move_on_after(self.fetcher.options.read_timeout):
-            names, runpath = await needed(header, lambda offset, n: self._bytes(handle, ino, offset, n))
-            dirs = library_dirs(header, runpath, posixpath.dirname(path))
-            found = []
-            for name in names:
-                if "/" in name:  # a path: relative to the working directory, which is not known here
-                    found.append(resolve(stack, name) if name.startswith("/") else None)
-                else:
-                    found.append(next(filter(None, (resolve(stack, f"{d}/{name}") for d in dirs)), None))
-            if log.isEnabledFor(logging.DEBUG):
-                where = [t[0].layer.index.path(t[1]) if t else None for t in found]
-                log.debug("ahead %s: %s: needs %s %s: %s", handle.name, path, interp, names, where)
-            for target in dict.fromkeys(found):
-                self._fetch_head(target)
+        names, runpath = await needed(header, lambda offset, n: self._bytes(handle, ino, offset, n))
+        dirs = list(dict.fromkeys(library_dirs(header, runpath, posixpath.dirname(path))))[:MAX_DIRS]
+        found = []
+        for name in names:
+            if "/" in name:  # a path: relative to the working directory, which is not known here
+                found.append(resolve(stack, name) if name.startswith("/") else None)
+            else:
+                found.append(next(filter(None, (resolve(stack, f"{d}/{name}") for d in dirs)), None))
+            await trio.lowlevel.checkpoint()  # lookups on the loop: let the reads in between
+        if log.isEnabledFor(logging.DEBUG):
+            where = [t[0].layer.index.path(t[1]) if t else None for t in found]
+            log.debug("ahead %s: %s: needs %s %s: %s", handle.name, path, interp, names, where)
+        for target in dict.fromkeys(found):
+            self._fetch_head(target)
 
     async def _follow_python(self, handle: LayerHandle, where: tuple[str, str], data: bytes) -> None:
         """Find the modules a compiled module imports (and the submodules it imports from them);
@@ -207,7 +227,7 @@ class LoaderAhead:
         stack = self.stack(handle)
         key = tuple(h.id for h in stack)
 
-        def listing(path: str) -> frozenset[str]:
+        def listing(path: str) -> Listed:
             return self._listing(stack, key, path)
 
         directory, tag = "/" + where[0], where[1]
@@ -220,22 +240,20 @@ class LoaderAhead:
         bases = [directory, *self._roots]
         files: list[str] = []
         for name, names in found:
-            module = module_file(name, bases, tag, listing) if name else None
-            if module is not None:
-                files.append(module)
-            package = directory if not name else _package_of(module)
+            modules = module_files(name, bases, tag, listing) if name else []
+            files += modules
+            package = directory if not name else _package_of(modules[-1] if modules else None)
             for sub in names if package else ():
-                if (path := module_file(sub, [package], tag, listing)) is not None:
-                    files.append(path)
+                files += module_files(sub, [package], tag, listing)
+            await trio.lowlevel.checkpoint()  # lookups on the loop: let the reads in between
         if log.isEnabledFor(logging.DEBUG):
             log.debug("ahead %s: %s imports %s", handle.name, where, files)
         for path in dict.fromkeys(files):
-            target = resolve(stack, path)
-            if target is not None and (target[0].id, target[1]) not in self._followed:
-                self.fetcher.spawn(self._head_of, *target)
+            self._fetch_head(resolve(stack, path))
 
-    def _listing(self, stack: list[LayerHandle], key: tuple[str, ...], path: str) -> frozenset[str]:
-        """The names in a directory of the merged layers (cached: layers never change)."""
+    def _listing(self, stack: list[LayerHandle], key: tuple[str, ...], path: str) -> Listed:
+        """The names in a directory of the merged layers (cached: layers never change; at most
+        MAX_LISTED names in all)."""
         cached = self._listings.get((key, path))
         if cached is None:
             names: set[str] = set()
@@ -243,24 +261,28 @@ class LoaderAhead:
                 ino = h.layer.index.find(path)
                 if ino is not None and h.layer.index.child_count[ino] <= MAX_LISTING:
                     names.update(name for name, _ in h.layer.index.children(ino))
-            cached = self._listings[(key, path)] = frozenset(names)
-            if len(self._listings) > LISTINGS:
-                self._listings.popitem(last=False)
+            cached = self._listings[(key, path)] = Listed(names)
+            self._listed += len(names)
+            while self._listed > MAX_LISTED and len(self._listings) > 1:
+                _, old = self._listings.popitem(last=False)
+                self._listed -= len(old.names)
         return cached
 
     def _fetch_head(self, target: tuple[LayerHandle, int] | None) -> None:
-        if target is not None and (target[0].id, target[1]) not in self._followed:
-            self.fetcher.spawn(self._head_of, *target)
+        if target is not None and not self._was_followed(*target):
+            self.fetcher.spawn(self._guess, self._head_of, *target)
 
     async def _head_of(self, handle: LayerHandle, ino: int) -> None:
-        """Fetch the first chunk of a library (alone: its neighbours are not what the loader reads)."""
+        """Fetch the first chunk of a library or module (alone: its neighbours are not what the loader
+        reads; one larger than read_ahead is not guessed), then follow it."""
         ix = handle.layer.index
-        if ix.chunk_count[ino] == 0:
+        if ix.chunk_count[ino] == 0 or handle.closed or handle.bad is not None:
             return
         first = ix.first_chunk[ino]
+        if ix.c_inner[first] + ix.c_size[first] > self.fetcher.options.read_ahead:
+            return
         self.fetcher.fetch_missing(handle, [first])
-        with trio.move_on_after(self.fetcher.options.read_timeout):
-            self.head(handle, ino, await self.fetcher.chunk(handle, first))
+        self.head(handle, ino, await self.fetcher.chunk(handle, first))
 
     async def _bytes(self, handle: LayerHandle, ino: int, offset: int, length: int) -> bytes:
         """Bytes of a file (fewer at its end), through the fetcher's chunks."""

@@ -239,6 +239,7 @@ class Fetcher:
         self._unwritten: OrderedDict[tuple[str, int], tuple[LayerHandle, bytes]] = OrderedDict()
         self._unwritten_bytes = 0
         self._writing = False
+        self._backlog_full = trio.Event()
         self._positions: OrderedDict[tuple[str, int], int] = (
             OrderedDict()
         )  # where each file's last read ended
@@ -301,7 +302,10 @@ class Fetcher:
                         )
                     datas = await self._demand(handle, list(ids))
                     if offset == 0 and self.on_head is not None:
-                        self.on_head(handle, ino, datas[0])
+                        try:
+                            self.on_head(handle, ino, datas[0])
+                        except Exception as e:  # a guess: never the read's problem
+                            log.debug("guess after %s: %s failed: %s", handle.name, ix.path(ino), e)
                 except FetchTimeout as e:
                     late = e
             if scope.cancelled_caught or late is not None:
@@ -540,8 +544,8 @@ class Fetcher:
                 def on_head(data: bytes) -> None:
                     nonlocal fired
                     if not fired:  # once, though a retried request streams the head again
-                        fired = True
                         self.spawn(decode_head, data)
+                        fired = True
 
                 early = (head_end - first, on_head)
             link = self.link(handle)
@@ -632,8 +636,10 @@ class Fetcher:
     def _resolve(
         self, handle: LayerHandle, cid: int, pending: _Pending, data: bytes, store_now: bool
     ) -> None:
+        if pending.done.is_set():  # served already (a waiter joined two fetches of the chunk)
+            return
         pending.data = data
-        self._pending.pop((handle.id, cid), None)
+        self._forget_pending(handle, cid, pending)
         pending.done.set()
         self._remember((handle.id, cid), data)
         if store_now:  # waiters go on at once; the cache write comes later
@@ -642,71 +648,96 @@ class Fetcher:
     def _write_later(self, handle: LayerHandle, cid: int, data: bytes) -> None:
         """Queue a chunk for the disk cache. Creating a file per chunk took a tenth of the daemon's CPU
         in a start (and the GIL from the reads' handlers): writes wait until no miss came for
-        `write_quiet`, up to `write_backlog` bytes, beyond which the oldest are written at once."""
+        `write_quiet`, or go at once while more than `write_backlog` bytes wait (one writer: the
+        queue is what memory the writes take)."""
         key = (handle.id, cid)
-        if key in self._unwritten or handle.cached[cid]:
+        if handle.cached[cid]:
             return
+        old = self._unwritten.get(key)
+        if old is not None and not old[0].closed:
+            return
+        if old is not None:  # a layer released and taken again: the new handle's chunk
+            self._unwritten_bytes -= len(old[1])
         self._unwritten[key] = (handle, data)
         self._unwritten_bytes += len(data)
-        while self._unwritten_bytes > self.options.write_backlog:
-            (_, old), (old_handle, old_data) = self._unwritten.popitem(last=False)
-            self._unwritten_bytes -= len(old_data)
-            self.spawn(self._store, old_handle, old, old_data)
+        if self._unwritten_bytes > self.options.write_backlog:
+            self._backlog_full.set()  # the writer stops waiting for quiet
         if not self._writing:
             self._writing = True
             self.spawn(self._write_behind)
 
     async def flush(self) -> None:
         """Write every chunk still waiting for the disk cache now (a planned stop keeps what it read)."""
-        while self._unwritten:
-            key, (handle, data) = next(iter(self._unwritten.items()))
-            if handle.closed:
-                self._unwritten.pop(key)
-                self._unwritten_bytes -= len(data)
-            else:
-                await self._store(handle, key[1], data)
+        while await self._write_next():
+            pass
 
     async def _write_behind(self) -> None:
         try:
             while self._unwritten:
-                while (wait := self.options.write_quiet - (trio.current_time() - self._last_demand)) > 0:
-                    await trio.sleep(wait)
-                await self._demand_idle.wait()
-                if not self._unwritten:
-                    break
-                key, (handle, data) = next(iter(self._unwritten.items()))
-                if handle.closed:
-                    self._unwritten.pop(key)
-                    self._unwritten_bytes -= len(data)
-                    continue
-                await self._store(handle, key[1], data)
+                if self._unwritten_bytes <= self.options.write_backlog:
+                    self._backlog_full = trio.Event()
+                    quiet = self.options.write_quiet
+                    while (wait := quiet - (trio.current_time() - self._last_demand)) > 0:
+                        with trio.move_on_after(wait):
+                            await self._backlog_full.wait()
+                        if self._backlog_full.is_set():
+                            break
+                    else:
+                        await self._demand_idle.wait()
+                await self._write_next()
         finally:
             self._writing = False
+
+    async def _write_next(self) -> bool:
+        """Write the oldest waiting chunk (it stays served from the queue until it is on disk); False
+        when none waits."""
+        while self._unwritten:
+            key, (handle, data) = next(iter(self._unwritten.items()))
+            if handle.closed:  # released: its chunks are not wanted
+                del self._unwritten[key]
+                self._unwritten_bytes -= len(data)
+                continue
+            await self._store(handle, key[1], data)
+            return True
+        return False
 
     def _reject(self, handle: LayerHandle, cid: int, pending: _Pending, error: Exception) -> None:
         """A chunk that did not decode or verify: its waiters get the error; nothing is kept, so the
         next read fetches it again."""
+        if pending.done.is_set():
+            return
         self.counters.bad_chunks += 1
         self._bad_log.warning("bad chunk %d of %s: %s", cid, handle.name, error)
         pending.error = error
-        self._pending.pop((handle.id, cid), None)
+        self._forget_pending(handle, cid, pending)
         pending.done.set()
+
+    def _forget_pending(self, handle: LayerHandle, cid: int, pending: _Pending) -> None:
+        """The chunk is no longer in flight, unless a newer fetch of it is."""
+        if self._pending.get((handle.id, cid)) is pending:
+            del self._pending[(handle.id, cid)]
 
     async def _store(self, handle: LayerHandle, cid: int, data: bytes) -> bool:
         """Put a chunk in the disk cache; False when the cache could not store it (counted, logged
         once per interval): the chunk stays served from memory and the network."""
-        if (kept := self._unwritten.pop((handle.id, cid), None)) is not None:
-            self._unwritten_bytes -= len(kept[1])
-        if handle.cached[cid]:
-            return True
         try:
-            await self.cache.put(self._cache_key(handle, cid), data)
-        except Exception as e:  # CacheError (full, read-only, EIO) or anything else: never the read's problem
-            self.counters.cache_write_errors += 1
-            self._store_log.warning("chunk cache write failed (%s): %s", handle.name, e)
-            return False
-        handle.cached[cid] = 1
-        return True
+            if handle.cached[cid]:
+                return True
+            try:
+                await self.cache.put(self._cache_key(handle, cid), data)
+            except (
+                Exception
+            ) as e:  # CacheError (full, read-only, EIO) or anything else: never the read's problem
+                self.counters.cache_write_errors += 1
+                self._store_log.warning("chunk cache write failed (%s): %s", handle.name, e)
+                return False
+            handle.cached[cid] = 1
+            return True
+        finally:  # on disk, or not to be: out of the queue (which served it while it was written)
+            kept = self._unwritten.get((handle.id, cid))
+            if kept is not None and kept[0] is handle:
+                del self._unwritten[(handle.id, cid)]
+                self._unwritten_bytes -= len(kept[1])
 
     def _remember(self, key: tuple[str, int], data: bytes) -> None:
         if key in self._memory:

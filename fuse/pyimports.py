@@ -22,7 +22,7 @@ PYC_HEADER = 16  # magic, flags, and a source mtime+size or hash (PEP 552, CPyth
 IMPORT_NAME, IMPORT_FROM, EXTENDED_ARG = 108, 109, 144  # stable from 3.6 to 3.12
 MAX_DEPTH = 64  # nesting of marshalled objects (CPython's own limit is 2000)
 MAX_OBJECTS = 200_000  # objects walked in one module (a large stdlib module has ~30,000)
-MAX_IMPORTS = 256
+MAX_IMPORTS = 256  # names imported (IMPORT_NAME and IMPORT_FROM) taken from one module
 _FLAG_REF = 0x80
 _NULL = object()  # marshal's TYPE_NULL: the end of a dict
 
@@ -153,9 +153,9 @@ def imports(data: bytes) -> list[tuple[str, list[str]]]:
         return []
     bytecode, names = top
     out: list[tuple[str, list[str]]] = []
-    arg = 0
+    arg = taken = 0
     for i in range(0, len(bytecode) - 1, 2):
-        op, arg = bytecode[i], (arg << 8) | bytecode[i + 1]
+        op, arg = bytecode[i], ((arg << 8) | bytecode[i + 1]) & 0xFFFFFFFF  # an oparg is 32 bits
         if op == EXTENDED_ARG:
             continue
         if op in (IMPORT_NAME, IMPORT_FROM) and arg < len(names) and isinstance(names[arg], str):
@@ -163,7 +163,8 @@ def imports(data: bytes) -> list[tuple[str, list[str]]]:
                 out.append((names[arg], []))
             elif out:
                 out[-1][1].append(names[arg])
-            if len(out) >= MAX_IMPORTS:
+            taken += 1
+            if taken >= MAX_IMPORTS:
                 break
         arg = 0
     return out
@@ -180,7 +181,21 @@ def compiled(path: str) -> tuple[str, str] | None:
     return parent, parts[1]
 
 
-Listing = Callable[[str], frozenset[str]]  # the names in a directory of the merged layers
+class Listed:
+    """A directory's names, with its extension modules by module name (no scan per lookup)."""
+
+    def __init__(self, names: set[str]):
+        self.names = frozenset(names)
+        self.extensions: dict[str, list[str]] = {}
+        for name in self.names:
+            if name.endswith(".so") and "." in name[:-3]:
+                self.extensions.setdefault(name.split(".", 1)[0], []).append(name)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.names
+
+
+Listing = Callable[[str], Listed]  # the names in a directory of the merged layers
 
 
 def root_of(directory: str, tag: str, listing: Listing) -> str:
@@ -197,21 +212,23 @@ def _is_package(directory: str, tag: str, listing: Listing) -> bool:
     )
 
 
-def module_file(dotted: str, bases: list[str], tag: str, listing: Listing) -> str | None:
-    """The file `import dotted` loads first (a package's __init__, a module, an extension), looked
-    for in each base directory in turn; None when it is in none."""
+def module_files(dotted: str, bases: list[str], tag: str, listing: Listing) -> list[str]:
+    """The files `import dotted` loads (each package's __init__ on the way, then the module: a
+    compiled module or an extension), from the first base directory that has the first of them."""
     first, *rest = dotted.split(".")
     for base in bases:
-        found = _in(posixpath.join(base, first), tag, listing)
         path = posixpath.join(base, first)
+        found = _in(path, tag, listing)
+        if found is None:
+            continue
+        files = [found]
         for part in rest:
-            if found is None:
-                break
             path = posixpath.join(path, part)
-            found = _in(path, tag, listing)
-        if found is not None:
-            return found
-    return None
+            if (found := _in(path, tag, listing)) is None:
+                break
+            files.append(found)
+        return files
+    return []
 
 
 def _in(path: str, tag: str, listing: Listing) -> str | None:
@@ -221,9 +238,9 @@ def _in(path: str, tag: str, listing: Listing) -> str | None:
         return posixpath.join(path, PYC_DIR, f"__init__.{tag}.pyc")
     if f"{name}.{tag}.pyc" in listing(posixpath.join(parent, PYC_DIR)):
         return posixpath.join(parent, PYC_DIR, f"{name}.{tag}.pyc")
-    here = listing(parent)
+    candidates = listing(parent).extensions.get(name, ())
     for ext in (f"{name}.{tag}-", f"{name}.abi3.so", f"{name}.so"):
-        hit = next((n for n in here if n.startswith(ext) and n.endswith(".so")), None)
+        hit = next((n for n in candidates if n.startswith(ext)), None)
         if hit is not None:
             return posixpath.join(parent, hit)
     return None

@@ -138,6 +138,18 @@ PY = [
 ]
 
 
+async def guessing_fetcher(tmp_path: Path, nursery, handle: LayerHandle, round_trip: float) -> Fetcher:
+    """A running fetcher with LoaderAhead whose link to `handle`'s registry measured `round_trip`."""
+    cache = ChunkCache(tmp_path / "cache", 1 << 30, fsync=False)
+    await cache.open()
+    fetcher = Fetcher(cache, FetchOptions(merge_min=0, merge_cap=0, background=False))
+    LoaderAhead(fetcher)
+    link = fetcher.link(handle)
+    link.latency, link.bandwidth, link.round_trip = round_trip, 1e8, round_trip
+    await nursery.start(fetcher.run)
+    return fetcher
+
+
 @pytest.mark.parametrize("round_trip", [0.05, 0.001])
 async def test_a_compiled_module_brings_what_it_imports_where_round_trips_are_long(
     tmp_path: Path, nursery, round_trip: float
@@ -145,13 +157,7 @@ async def test_a_compiled_module_brings_what_it_imports_where_round_trips_are_lo
     if sys.version_info[:2] != (3, 11):
         pytest.skip("the test modules are compiled by this Python; the layout names cpython-311")
     app = await handle_of(PY, "py")
-    cache = ChunkCache(tmp_path / "cache", 1 << 30, fsync=False)
-    await cache.open()
-    fetcher = Fetcher(cache, FetchOptions(merge_min=0, merge_cap=0, background=False))
-    LoaderAhead(fetcher)
-    link = fetcher.link(app)
-    link.latency, link.bandwidth, link.round_trip = round_trip, 1e8, round_trip  # as measured
-    await nursery.start(fetcher.run)
+    fetcher = await guessing_fetcher(tmp_path, nursery, app, round_trip)
     ix = app.layer.index
 
     await fetcher.read(app, ix.find("app/__pycache__/main.cpython-311.pyc"), 0, 4096)
@@ -164,3 +170,22 @@ async def test_a_compiled_module_brings_what_it_imports_where_round_trips_are_lo
     long = round_trip > 0.01
     # the package, the submodule imported from it, and what the package imports in turn
     assert here == {"__init__": long, "helper": long, "sub": long, "unused": False}
+
+
+async def test_an_import_cycle_is_followed_once_per_module(tmp_path: Path, nursery, monkeypatch) -> None:
+    if sys.version_info[:2] != (3, 11):
+        pytest.skip("the test modules are compiled by this Python; the layout names cpython-311")
+    import fuse.ahead
+
+    scans: list[int] = []
+    real = fuse.ahead.imports
+    monkeypatch.setattr(fuse.ahead, "imports", lambda data: scans.append(1) or real(data))
+    cycle = [
+        im.File(f"app/__pycache__/{a}.cpython-311.pyc", pyc(f"import {b}\n"))
+        for a, b in (("a", "b"), ("b", "c"), ("c", "a"))
+    ]
+    app = await handle_of(cycle, "cycle")
+    fetcher = await guessing_fetcher(tmp_path, nursery, app, 0.05)
+    await fetcher.read(app, app.layer.index.find("app/__pycache__/a.cpython-311.pyc"), 0, 4096)
+    await trio.sleep(0.5)
+    assert len(scans) == 3  # a, b, c: never round again

@@ -9,10 +9,11 @@ import struct
 import subprocess
 import sys
 import textwrap
+import time
 
 import pytest
 
-from fuse.pyimports import compiled, imports, module_file, root_of, version_of
+from fuse.pyimports import Listed, compiled, imports, module_files, root_of, version_of
 
 SOURCE = textwrap.dedent(
     """
@@ -113,19 +114,38 @@ TREE = {
 }
 
 
-def listing(path: str) -> frozenset[str]:
-    return frozenset(TREE.get(path, ()))
+def listing(path: str) -> Listed:
+    return Listed(set(TREE.get(path, ())))
 
 
 def test_modules_are_found_as_the_import_system_finds_them() -> None:
     roots = ["/usr/lib/python3.11", "/usr/lib/python3.11/lib-dynload"]
-    find = lambda name, bases: module_file(name, bases, "cpython-311", listing)  # noqa: E731
-    assert find("os", ["/app", *roots]) == "/usr/lib/python3.11/__pycache__/os.cpython-311.pyc"
-    assert find("json.decoder", roots) == "/usr/lib/python3.11/json/__pycache__/decoder.cpython-311.pyc"
-    assert find("_json", roots) == "/usr/lib/python3.11/lib-dynload/_json.cpython-311-x86_64-linux-gnu.so"
-    assert find("sibling", ["/app"]) == "/app/__pycache__/sibling.cpython-311.pyc"
-    assert find("pkg", ["/app"]) == "/app/pkg/__pycache__/__init__.cpython-311.pyc"
-    assert find("sub", ["/app/pkg"]) == "/app/pkg/sub.abi3.so"
-    assert find("attr", ["/app/pkg", *roots]) is None  # an attribute, no module
+    find = lambda name, bases: module_files(name, bases, "cpython-311", listing)  # noqa: E731
+    assert find("os", ["/app", *roots]) == ["/usr/lib/python3.11/__pycache__/os.cpython-311.pyc"]
+    assert find("json.decoder", roots) == [  # the package on the way, then the module
+        "/usr/lib/python3.11/json/__pycache__/__init__.cpython-311.pyc",
+        "/usr/lib/python3.11/json/__pycache__/decoder.cpython-311.pyc",
+    ]
+    assert find("_json", roots) == ["/usr/lib/python3.11/lib-dynload/_json.cpython-311-x86_64-linux-gnu.so"]
+    assert find("sibling", ["/app"]) == ["/app/__pycache__/sibling.cpython-311.pyc"]
+    assert find("pkg", ["/app"]) == ["/app/pkg/__pycache__/__init__.cpython-311.pyc"]
+    assert find("sub", ["/app/pkg"]) == ["/app/pkg/sub.abi3.so"]
+    assert find("attr", ["/app/pkg", *roots]) == []  # an attribute, no module
     assert root_of("/app/pkg", "cpython-311", listing) == "/"
     assert root_of("/usr/lib/python3.11/json", "cpython-311", listing) == "/usr/lib/python3.11"
+
+
+def test_extended_args_stay_32_bits_and_imports_are_capped() -> None:
+    # a run of EXTENDED_ARG made the oparg grow without end (quadratic shifts); 100,000 imported names
+    # are cut at MAX_IMPORTS
+    from fuse.pyimports import MAX_IMPORTS
+
+    code = compile("from os import (" + ", ".join(f"n{i}" for i in range(1000)) + ")\n", "m.py", "exec")
+    many = importlib.util.MAGIC_NUMBER + bytes(12) + marshal.dumps(code)
+    found = imports(many)
+    assert found[0][0] == "os" and sum(1 + len(f) for _, f in found) <= MAX_IMPORTS
+    code = compile("import os\n", "m.py", "exec")
+    hostile = code.replace(co_code=bytes([144, 255]) * 400_000 + code.co_code)  # EXTENDED_ARG x 400,000
+    started = time.monotonic()
+    imports(importlib.util.MAGIC_NUMBER + bytes(12) + marshal.dumps(hostile))
+    assert time.monotonic() - started < 2
