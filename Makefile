@@ -13,7 +13,8 @@
 #   make bench-restart    how long readers of lazy files pause when the daemon is killed, restarted or
 #                         upgraded in place (about 3 minutes, root)
 #   make bench-startup    time to ready of realistic images: full pull vs lazysnap (plain and optimized),
-#                         100 Mbit/s, 3 repeats (the full matrix: 20-30 minutes with image builds)
+#                         100 Mbit/s, 3 repeats (the full matrix: 20-30 minutes with image builds);
+#                         BENCH_ARGS="--delay-ms 20 --out ..." or "--rate unlimited --out ..." for the others
 SHELL := /bin/bash
 .DEFAULT_GOAL := test
 
@@ -49,7 +50,7 @@ demo: bench-deps
 bench-startup: bench-deps
 	$(PY) -m bench.harness --images python-numpy,python-numpy-umoci,python-scipy,jre,gcc,node,big-app \
 	    --modes overlayfs,lazysnap,lazysnap-optimized --peer auto --converters lazysnap,ctr-remote \
-	    --repeat 3 --rate 100mbit --out bench/results/startup
+	    --repeat 3 --rate 100mbit --out bench/results/startup $(BENCH_ARGS)
 
 bench-restart: deps
 	$(PY) -m bench.restart --repeat 10 --out bench/results/restart

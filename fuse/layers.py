@@ -212,7 +212,11 @@ class RemoteLayers:
             layer = await layer_from_toc(source, footer, toc, meta["toc_digest"])
         stored = {path: _Attrs(*attrs) for path, attrs in meta.get("inherited", {}).items()}
         layer.index.inherit_implicit(stored.get)
-        return self._mount(name, slot, layer, ref, refs)
+        entry = self._mount(name, slot, layer, ref, refs)
+        lower = meta.get("lower")
+        if isinstance(lower, list) and all(isinstance(p, str) for p in lower):
+            entry.lower = lower  # where a program reading it finds its libraries (fuse.ahead)
+        return entry
 
     # --- lazy pulls ----------------------------------------------------------------------------
 
@@ -359,9 +363,10 @@ class RemoteLayers:
             )
         slot = self._next_slot()
         await trio.to_thread.run_sync(
-            self._store, name, req, desc["size"], expected, slot, footer, toc, inherited, got.kind
+            self._store, name, req, desc["size"], expected, slot, footer, toc, inherited, got.kind, lower
         )
         entry = self._mount(name, slot, layer, req.ref, 0)
+        entry.lower = lower
         self._start_background(entry)
         log.info(
             "mounted remote layer %s (%s, %d entries, slot %d)",
@@ -455,6 +460,7 @@ class RemoteLayers:
         toc: bytes,
         inherited: dict[str, list[int]],
         kind: str = "toc",
+        lower: list[str] | None = None,
     ) -> None:
         d = self.dir / name
         d.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -466,6 +472,7 @@ class RemoteLayers:
             "slot": slot,
             "inherited": inherited,  # attributes implicit directories took from the layers below
             "kind": kind,  # "toc" (eStargz, zstd:chunked) or ZRAN_KIND (`toc` holds the zTOC)
+            "lower": lower,  # the layers below, nearest first (RemoteLayers.stack after a restart)
         }
         for fname, data in (("footer", footer), ("toc", toc), ("meta.json", json.dumps(meta).encode())):
             tmp = d / f".{fname}.tmp"

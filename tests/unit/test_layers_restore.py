@@ -121,3 +121,24 @@ async def test_the_stack_a_reader_sees_is_the_chain_of_the_image_that_took_it_la
         assert stack("sha256-alone") == ["sha256-alone"]
         entry["sha256-app1"].used = 3
         assert stack("sha256-base") == ["sha256-app1", "sha256-base"]
+
+
+async def test_the_stack_survives_a_restart(tmp_path: Path) -> None:
+    # the chain below a layer is in its record: after a restart its readers' libraries are found in
+    # the layers below as before (fuse.ahead)
+    layer = im.Layer([im.File("hello", b"hi\n")])
+    blob, result = convert_bytes(layer.tar())
+    footer, toc = await fetch_toc(BytesSource(blob))
+    meta = {"ref": "127.0.0.1:1/r:v1", "size": len(blob), "toc_digest": result.toc_digest}
+    root = tmp_path / "root"
+    lower = [str(root / "mnt" / "sha256-base"), "/var/lib/a/local-snapshot"]
+    record(root, "sha256-base", {**meta, "digest": "sha256:" + "1" * 64, "slot": 1}, footer, toc)
+    record(
+        root, "sha256-app", {**meta, "digest": "sha256:" + "2" * 64, "slot": 2, "lower": lower}, footer, toc
+    )
+    fs = LazyFS(Fetcher(ChunkCache(tmp_path / "cache", 1 << 20, fsync=False), FetchOptions()))
+    async with anonymous_client() as client:
+        layers = RemoteLayers(root, root / "mnt", fs, fs.fetcher, client, background=False)
+        assert await layers.restore({"sha256-base": 1, "sha256-app": 1}) == []
+        base = layers._layers["sha256-base"].handle
+        assert [h.id for h in layers.stack(base)] == ["sha256-app", "sha256-base"]
