@@ -95,17 +95,21 @@ async def test_a_cancelled_restore_leaves_no_reader_waiting(tmp_path: Path) -> N
     assert got == [errno.EIO]
 
 
+async def records(root: Path, layers: dict[str, dict]) -> None:
+    """Records of one small layer under each name, slots from 1, each with its own extra fields."""
+    blob, result = convert_bytes(im.Layer([im.File("hello", b"hi\n")]).tar())
+    footer, toc = await fetch_toc(BytesSource(blob))
+    meta = {"ref": "127.0.0.1:1/r:v1", "size": len(blob), "toc_digest": result.toc_digest}
+    for slot, (name, extra) in enumerate(layers.items(), start=1):
+        record(root, name, {**meta, "digest": "sha256:" + f"{slot}" * 64, "slot": slot, **extra}, footer, toc)
+
+
 async def test_the_stack_a_reader_sees_is_the_chain_of_the_image_that_took_it_last(tmp_path: Path) -> None:
     # fuse.ahead finds a program's libraries in the layers its container sees: for a layer shared by
     # two images, the chain of the image whose snapshot took a layer last, top first
-    layer = im.Layer([im.File("hello", b"hi\n")])
-    blob, result = convert_bytes(layer.tar())
-    footer, toc = await fetch_toc(BytesSource(blob))
-    meta = {"ref": "127.0.0.1:1/r:v1", "size": len(blob), "toc_digest": result.toc_digest}
     root = tmp_path / "root"
     names = ["sha256-base", "sha256-app1", "sha256-app2", "sha256-alone"]
-    for slot, name in enumerate(names, start=1):
-        record(root, name, {**meta, "digest": "sha256:" + f"{slot}" * 64, "slot": slot}, footer, toc)
+    await records(root, {name: {} for name in names})
     fs = LazyFS(Fetcher(ChunkCache(tmp_path / "cache", 1 << 20, fsync=False), FetchOptions()))
     async with anonymous_client() as client:
         layers = RemoteLayers(root, root / "mnt", fs, fs.fetcher, client, background=False)
@@ -126,16 +130,9 @@ async def test_the_stack_a_reader_sees_is_the_chain_of_the_image_that_took_it_la
 async def test_the_stack_survives_a_restart(tmp_path: Path) -> None:
     # the chain below a layer is in its record: after a restart its readers' libraries are found in
     # the layers below as before (fuse.ahead)
-    layer = im.Layer([im.File("hello", b"hi\n")])
-    blob, result = convert_bytes(layer.tar())
-    footer, toc = await fetch_toc(BytesSource(blob))
-    meta = {"ref": "127.0.0.1:1/r:v1", "size": len(blob), "toc_digest": result.toc_digest}
     root = tmp_path / "root"
     lower = [str(root / "mnt" / "sha256-base"), "/var/lib/a/local-snapshot"]
-    record(root, "sha256-base", {**meta, "digest": "sha256:" + "1" * 64, "slot": 1}, footer, toc)
-    record(
-        root, "sha256-app", {**meta, "digest": "sha256:" + "2" * 64, "slot": 2, "lower": lower}, footer, toc
-    )
+    await records(root, {"sha256-base": {}, "sha256-app": {"lower": lower}})
     fs = LazyFS(Fetcher(ChunkCache(tmp_path / "cache", 1 << 20, fsync=False), FetchOptions()))
     async with anonymous_client() as client:
         layers = RemoteLayers(root, root / "mnt", fs, fs.fetcher, client, background=False)
