@@ -149,11 +149,12 @@ class LoaderAhead:
         compiled Python module, start fetching what its loader reads next."""
         if head[:4] == ELF_MAGIC:
             self.elf_head(handle, ino, head)
-        elif (where := compiled(handle.layer.index.path(ino))) is not None:
-            # on a link with short round trips the next import's miss costs less than a wrong guess:
-            # measured at 100 Mbit/s and 1 ms, guesses made starts slower (they take the link from reads)
-            long = (self.fetcher.link(handle).round_trip or 0.0) >= PY_AHEAD_LATENCY
-            if long and len(head) <= MAX_PYC and self._first(handle, ino):
+        # a compiled Python module, only where round trips are long: on a short one the next import's
+        # miss costs less than a wrong guess (at 100 Mbit/s and 1 ms, guesses made starts slower: they
+        # took the link from the reads). The cheap test first: this runs on every first-chunk miss.
+        elif (self.fetcher.link(handle).round_trip or 0.0) >= PY_AHEAD_LATENCY and len(head) <= MAX_PYC:
+            where = compiled(handle.layer.index.path(ino))
+            if where is not None and self._first(handle, ino):
                 self.fetcher.spawn(self._guess, self._follow_python, handle, where, head)
 
     def _first(self, handle: LayerHandle, ino: int) -> bool:

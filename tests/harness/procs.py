@@ -9,10 +9,12 @@ if the process dies, and stopped by PID: SIGTERM, then SIGKILL after a grace per
 from __future__ import annotations
 
 import os
+import resource
 import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -183,3 +185,31 @@ def peak_rss_mib() -> int:
             if line.startswith("VmHWM:"):
                 return int(line.split()[1]) >> 10
     raise RuntimeError("no VmHWM in /proc/self/status")
+
+
+# --- memory cases: a scenario in a child process under an address-space limit ---------------------
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def run_limited(module: str, *args: str, timeout: float = 300) -> tuple[str, int]:
+    """Run `python -m module args...` (whose `__main__` is `limited_main`): (the scenario's one-line
+    outcome, the child's peak RSS in MiB). A regression that needs more memory than the child's
+    RLIMIT_AS fails here, with the child's output, instead of taking the machine down."""
+    proc = subprocess.run(
+        [sys.executable, "-m", module, *args], cwd=REPO, capture_output=True, text=True, timeout=timeout
+    )
+    lines = proc.stdout.strip().splitlines()
+    assert proc.returncode == 0 and len(lines) == 2, (
+        f"child {module} {' '.join(args)} ended with {proc.returncode}: "
+        f"{proc.stdout[-2000:]} {proc.stderr[-3000:]}"
+    )
+    return lines[0], int(lines[1])
+
+
+def limited_main(scenarios: dict[str, Callable[..., str]], limit: int) -> None:
+    """A test module's `__main__`: cap the address space at `limit` bytes, run the scenario named by
+    argv[1] with the rest of argv, print its outcome and the peak RSS (what `run_limited` reads)."""
+    resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+    print(scenarios[sys.argv[1]](*sys.argv[2:]))
+    print(peak_rss_mib())

@@ -10,10 +10,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
-import resource
 import struct
-import subprocess
-import sys
 import tarfile
 import zlib
 from collections.abc import Callable, Iterator
@@ -26,7 +23,7 @@ import zstandard
 from fuse.formats import BytesSource, FormatError, open_layer
 from fuse.formats.index import GZIP, ZSTD, Chunk
 from fuse.formats.spec import SKIPPABLE_MAGIC
-from tests.harness.procs import peak_rss_mib
+from tests.harness.procs import limited_main, run_limited
 
 ROOT = Path(__file__).resolve().parents[2]
 MEMORY_LIMIT = 512 << 20  # address space of the child: far below what the old code needed
@@ -164,22 +161,6 @@ SCENARIOS: dict[str, Callable[[], str]] = {
 }
 
 
-def run_child(scenario: str) -> tuple[str, int]:
-    """Run a scenario under RLIMIT_AS in a child: (its one-line outcome, its peak RSS in MiB)."""
-    proc = subprocess.run(
-        [sys.executable, "-m", "tests.unit.test_formats_hostile", scenario],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    lines = proc.stdout.strip().splitlines()
-    assert proc.returncode == 0 and len(lines) == 2, (
-        f"child {scenario} ended with {proc.returncode}: {proc.stdout[-2000:]} {proc.stderr[-3000:]}"
-    )
-    return lines[0], int(lines[1])
-
-
 @pytest.mark.parametrize(
     ("scenario", "message"),
     [
@@ -192,7 +173,7 @@ def run_child(scenario: str) -> tuple[str, int]:
     ],
 )
 def test_hostile_input_is_a_format_error_in_bounded_memory(scenario: str, message: str) -> None:
-    outcome, rss = run_child(scenario)
+    outcome, rss = run_limited("tests.unit.test_formats_hostile", scenario)
     assert outcome.startswith("FormatError: hostile: ") and message in outcome, outcome
     assert rss < RSS_LIMIT_MIB, f"{scenario}: peak RSS {rss} MiB"
 
@@ -226,6 +207,4 @@ def test_toc_json_split_anywhere_parses_the_same() -> None:
 
 
 if __name__ == "__main__":
-    resource.setrlimit(resource.RLIMIT_AS, (MEMORY_LIMIT, MEMORY_LIMIT))
-    print(SCENARIOS[sys.argv[1]]())
-    print(peak_rss_mib())
+    limited_main(SCENARIOS, MEMORY_LIMIT)

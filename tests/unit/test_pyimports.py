@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import marshal
-import resource
 import struct
-import subprocess
 import sys
 import textwrap
 import time
@@ -14,6 +12,7 @@ import time
 import pytest
 
 from fuse.pyimports import Listed, compiled, imports, module_files, root_of, version_of
+from tests.harness.procs import limited_main, run_limited
 
 SOURCE = textwrap.dedent(
     """
@@ -76,19 +75,9 @@ def test_other_versions_and_files_give_nothing() -> None:
 def test_hostile_modules_give_nothing_in_bounded_memory(body: bytes) -> None:
     """Run in a child under a 300 MiB address-space limit: a reader that believed a claimed size or
     recursed without bound would die there, not pass."""
-    header = importlib.util.MAGIC_NUMBER + bytes(12)
-    script = textwrap.dedent(
-        f"""
-        import resource, sys
-        resource.setrlimit(resource.RLIMIT_AS, ({300 << 20}, {300 << 20}))
-        from fuse.pyimports import imports
-        print(imports({header + body!r}))
-        """
-    )
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.strip() == "[]"
-    assert resource.RLIMIT_AS  # the limit exists on this platform
+    module = importlib.util.MAGIC_NUMBER + bytes(12) + body
+    outcome, _ = run_limited("tests.unit.test_pyimports", "imports", module.hex())
+    assert outcome == "[]"
 
 
 def test_compiled_paths() -> None:
@@ -149,3 +138,7 @@ def test_extended_args_stay_32_bits_and_imports_are_capped() -> None:
     started = time.monotonic()
     imports(importlib.util.MAGIC_NUMBER + bytes(12) + marshal.dumps(hostile))
     assert time.monotonic() - started < 2
+
+
+if __name__ == "__main__":
+    limited_main({"imports": lambda data: str(imports(bytes.fromhex(data)))}, 300 << 20)

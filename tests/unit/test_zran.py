@@ -15,11 +15,9 @@ import gzip
 import hashlib
 import io
 import random
-import resource
 import shutil
 import struct
 import subprocess
-import sys
 import tarfile
 import zlib
 from collections.abc import Callable
@@ -28,7 +26,7 @@ from pathlib import Path
 import pytest
 
 from fuse.formats import FormatError, Unverified, zran
-from tests.harness.procs import peak_rss_mib
+from tests.harness.procs import limited_main, run_limited
 
 ROOT = Path(__file__).resolve().parents[2]
 SOCI_SRC = ROOT / "tests" / "fixtures" / "soci"
@@ -379,17 +377,9 @@ SCENARIOS = {"build-200mb": build_200mb}
 
 
 def test_build_of_a_200mb_stream_stays_in_bounded_memory() -> None:
-    proc = subprocess.run(
-        [sys.executable, "-m", "tests.unit.test_zran", "build-200mb"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    lines = proc.stdout.strip().splitlines()
-    assert proc.returncode == 0 and len(lines) == 2, f"child: {proc.stdout[-2000:]} {proc.stderr[-3000:]}"
-    assert lines[0].startswith(f"ok {200 * MIB} "), lines[0]
-    assert int(lines[1]) < RSS_LIMIT_MIB, f"peak RSS {lines[1]} MiB"
+    outcome, rss = run_limited("tests.unit.test_zran", "build-200mb")
+    assert outcome.startswith(f"ok {200 * MIB} "), outcome
+    assert rss < RSS_LIMIT_MIB, f"peak RSS {rss} MiB"
 
 
 # ---- SOCI interop: SOCI's gzip_zinfo.c compiled here, called through ctypes ----------------------
@@ -490,6 +480,4 @@ def test_soci_v1_blob_is_read(work: Path) -> None:
 
 
 if __name__ == "__main__":
-    resource.setrlimit(resource.RLIMIT_AS, (MEMORY_LIMIT, MEMORY_LIMIT))
-    print(SCENARIOS[sys.argv[1]]())
-    print(peak_rss_mib())
+    limited_main(SCENARIOS, MEMORY_LIMIT)

@@ -16,10 +16,8 @@ import io
 import json
 import os
 import random
-import resource
 import shutil
 import subprocess
-import sys
 import tarfile
 from pathlib import Path
 
@@ -28,6 +26,7 @@ import pytest
 
 from fuse.formats import FormatError, zran, ztoc
 from fuse.formats.index import Limits
+from tests.harness.procs import limited_main, run_limited
 
 ROOT = Path(__file__).resolve().parents[2]
 SCHEMA = ROOT / "tests" / "fixtures" / "soci" / "ztoc.fbs"
@@ -443,25 +442,18 @@ def shared_string_ztoc(entries: int, name_bytes: int) -> bytes:
 def test_shared_strings_stay_within_the_memory_budget() -> None:
     """300,000 entries x a 4,000-byte shared uname would decode to 1.2 GB: refused by the entry budget,
     in a child whose address space is capped at MEMORY_LIMIT."""
-    proc = subprocess.run(
-        [sys.executable, "-m", "tests.unit.test_ztoc", "shared-strings"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "refused: " in proc.stdout and "MiB of memory" in proc.stdout
+    outcome, _ = run_limited("tests.unit.test_ztoc", "shared-strings")
+    assert outcome.startswith("refused: ") and "MiB of memory" in outcome, outcome
 
 
-def _child_shared_strings() -> None:
+def _child_shared_strings() -> str:
     blob = shared_string_ztoc(300_000, 4000)
     try:
         ztoc.parse_ztoc(blob, what="shared strings")
     except FormatError as e:
-        print("refused:", e)
+        return f"refused: {e}"
+    return "parsed"
 
 
 if __name__ == "__main__":
-    resource.setrlimit(resource.RLIMIT_AS, (MEMORY_LIMIT, MEMORY_LIMIT))
-    {"shared-strings": _child_shared_strings}[sys.argv[1]]()
+    limited_main({"shared-strings": _child_shared_strings}, MEMORY_LIMIT)
