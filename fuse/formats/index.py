@@ -1,7 +1,8 @@
 """The compact in-memory index of a layer's TOC: path tree, attributes, chunks.
 
-Built once per layer from the TOC entries (eStargz and zstd:chunked share the entry schema), one entry
-at a time (`IndexBuilder.add`), so a streamed TOC is never held whole; it answers what the filesystem
+Built once per layer from the TOC entries (eStargz and zstd:chunked share the entry schema: `TocEntry`,
+whose fields' JSON types and ranges msgspec checks), one entry at a time (`IndexBuilder.add`), so a
+streamed TOC is never held whole; it answers what the filesystem
 asks: lookup by (directory, name), attributes, directory listings, symlink targets, xattrs, and for any
 byte range of a file the chunks that hold it. Memory is columnar (`array` columns, one shared digest
 buffer, sorted child lists) so a 100,000-entry layer costs about 200 bytes an entry.
@@ -32,11 +33,14 @@ import base64
 import binascii
 import bisect
 import datetime as _dt
+import re
 from array import array
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, Any
+
+import msgspec
 
 from .errors import FormatError
 from .spec import NO_PREFETCH_LANDMARK, PREFETCH_LANDMARK, TAR_BLOCK
@@ -52,8 +56,9 @@ OPAQUE = ".wh..wh..opq"
 ROOT_NAMES = frozenset({"", ".", "./"})  # how tar writers spell the layer root (formats.md)
 SYMLINK_MODE = 0o777  # what a full unpack on Linux shows for every symlink
 _NO_DIGEST = bytes(32)
-_U32_FIELDS = frozenset({"mode", "uid", "gid", "devMajor", "devMinor"})
 _U32, _I64 = 1 << 32, 1 << 63  # ranges of TOC integer fields: [0, _U32) for _U32_FIELDS, else [0, _I64)
+_U32Field = Annotated[int, msgspec.Meta(ge=0, lt=_U32)]
+_I64Field = Annotated[int, msgspec.Meta(ge=0, le=_I64 - 1)]
 
 # The most bytes one compressed byte can inflate to: deflate emits at most 258 bytes per 2-bit code
 # (1032:1); a zstd block yields at most 128 KiB and an RLE block takes 4 bytes (32768:1).
@@ -66,6 +71,40 @@ _CHUNK_COST = 80
 _LINK_COST = 60
 _XATTR_COST = 250
 _MTIME_CACHE = 4096  # distinct modtime strings remembered while building
+
+
+class TocEntry(msgspec.Struct, gc=False):
+    """One TOC entry: the fields the index reads (eStargz and zstd:chunked share them; others are
+    ignored), their JSON types and integer ranges checked as it is made (`msgspec`)."""
+
+    name: str
+    type: str = ""
+    size: _I64Field = 0
+    modtime: str = ""
+    linkName: str = ""
+    mode: _U32Field = 0
+    uid: _U32Field = 0
+    gid: _U32Field = 0
+    devMajor: _U32Field = 0
+    devMinor: _U32Field = 0
+    xattrs: dict[str, str] | None = None
+    digest: str = ""
+    offset: _I64Field = 0
+    endOffset: _I64Field | None = None  # where the compressed span ends, when the TOC says
+    chunkOffset: _I64Field = 0
+    chunkSize: _I64Field = 0
+    chunkDigest: str = ""
+    innerOffset: _I64Field = 0
+    chunkType: str = ""
+
+
+class TocDocument(msgspec.Struct, gc=False):
+    entries: list[TocEntry]
+
+
+_U32_FIELDS = frozenset({"mode", "uid", "gid", "devMajor", "devMinor"})  # the _U32Field fields
+_I64_FIELDS = frozenset({"size", "offset", "endOffset", "chunkOffset", "chunkSize", "innerOffset"})
+_ERROR_FIELD = re.compile(r"at `\$\.(\w+)`")
 
 
 @dataclass(frozen=True)
@@ -284,12 +323,17 @@ class LayerIndex:
 def build_index(
     doc: Any, *, data_end: int, storage: int, what: str, limits: Limits = DEFAULT_LIMITS
 ) -> LayerIndex:
-    """Build the index of a parsed TOC document. `data_end` is where the compressed data region ends
-    (the TOC offset); `storage` says how chunks are compressed (GZIP or ZSTD)."""
-    if not isinstance(doc, dict) or not isinstance(doc.get("entries"), list):
+    """Build the index of a parsed TOC document (a TocDocument, or the JSON as json.loads gives it).
+    `data_end` is where the compressed data region ends (the TOC offset); `storage` says how chunks are
+    compressed (GZIP or ZSTD)."""
+    if isinstance(doc, TocDocument):
+        entries: Any = doc.entries
+    elif isinstance(doc, dict) and isinstance(doc.get("entries"), list):
+        entries = doc["entries"]
+    else:
         raise FormatError(f"{what}: TOC is not an object with an 'entries' list")
     builder = IndexBuilder(what, data_end, storage, limits)
-    builder.add_all(doc["entries"])
+    builder.add_all(entries)
     return builder.finish()
 
 
@@ -315,7 +359,7 @@ class IndexBuilder:
         self.whiteouts: set[int] = set()  # inodes that stand for a whiteout
 
     def fail(self, i: int, e: Any, message: str) -> FormatError:
-        name = e.get("name") if isinstance(e, dict) else None
+        name = e.get("name") if isinstance(e, dict) else getattr(e, "name", None)
         shown = repr(name) if not isinstance(name, str) or len(name) < 200 else repr(name[:200]) + "..."
         return FormatError(f"{self.what}: TOC entry {i} ({shown}): {message}")
 
@@ -331,9 +375,9 @@ class IndexBuilder:
                 "reader: too many to index in memory; such a layer can only be pulled in full"
             )
         self.entries = i + 1
-        if type(e) is not dict:
-            raise FormatError(f"{self.what}: TOC entry {i} is not an object")
-        kind = e.get("type")
+        if type(e) is not TocEntry:
+            e = self.entry(i, e)
+        kind = e.type
         name = self.clean(i, e)
         if kind == "chunk":
             self.add_chunk(i, e, name)
@@ -341,7 +385,7 @@ class IndexBuilder:
             self.close_file()
             if kind == "hardlink":
                 self.add_hardlink(i, e, name)
-            elif type(kind) is str and kind in KIND_NAMES:
+            elif kind in KIND_NAMES:
                 self.add_entry(i, e, name, KIND_NAMES[kind])
             else:
                 raise self.fail(i, e, f"unknown type {kind!r}")
@@ -352,6 +396,26 @@ class IndexBuilder:
                 "too long to index in memory); such a layer can only be pulled in full"
             )
 
+    def entry(self, i: int, e: Any) -> TocEntry:
+        """A parsed JSON entry as a TocEntry (a null field is a missing one); a field of the wrong type
+        or range is a FormatError."""
+        if type(e) is not dict:
+            raise FormatError(f"{self.what}: TOC entry {i} is not an object")
+        try:
+            return msgspec.convert({k: v for k, v in e.items() if v is not None}, TocEntry)
+        except msgspec.ValidationError as err:
+            text = str(err)
+            found = _ERROR_FIELD.search(text)
+            key = found.group(1) if found else ""
+            if key in _U32_FIELDS or key in _I64_FIELDS:
+                limit = _U32 if key in _U32_FIELDS else _I64
+                message = f"{key} must be an integer in [0, {limit}), not {e.get(key)!r}"
+            elif "missing required field `name`" in text:
+                message = "no name"
+            else:
+                message = f"{key}: {text.partition(' - at ')[0]}"
+            raise self.fail(i, e, message) from None
+
     def finish(self) -> LayerIndex:
         self.close_file()
         self.finish_chunks()
@@ -359,12 +423,10 @@ class IndexBuilder:
         self.c_entry, self.c_ino = array("Q"), array("Q")
         return self.ix
 
-    def clean(self, i: int, e: dict) -> str:
+    def clean(self, i: int, e: TocEntry) -> str:
         """The entry's path relative to the root ("" for the root), refused where a full unpack could
         not create it."""
-        name = e.get("name")
-        if type(name) is not str:
-            raise self.fail(i, e, "no name")
+        name = e.name
         limits = self.limits
         if len(name) >= limits.max_path:
             raise self.fail(
@@ -403,7 +465,7 @@ class IndexBuilder:
             )
         return name
 
-    def add_entry(self, i: int, e: dict, name: str, kind: int) -> None:
+    def add_entry(self, i: int, e: TocEntry, name: str, kind: int) -> None:
         ix = self.ix
         if name == "":
             if kind != DIR:
@@ -413,7 +475,7 @@ class IndexBuilder:
         parent_path, _, base = name.rpartition("/")
         if parent_path == "" and base in (PREFETCH_LANDMARK, NO_PREFETCH_LANDMARK):
             if base == PREFETCH_LANDMARK:
-                ix.prefetch_end = self.int_field(i, e, "offset")
+                ix.prefetch_end = e.offset
             else:
                 ix.no_prefetch = True
             return
@@ -425,7 +487,7 @@ class IndexBuilder:
         if whiteout:
             base, kind = base[len(WHITEOUT) :], CHAR
             name = f"{parent_path}/{base}" if parent_path else base
-            e = {**e, "devMajor": 0, "devMinor": 0, "size": 0, "mode": 0, "uid": 0, "gid": 0}
+            e = msgspec.structs.replace(e, devMajor=0, devMinor=0, size=0, mode=0, uid=0, gid=0)
         existing = self.by_path.get(name)
         if existing is not None:
             if kind == DIR and ix.kind[existing] == DIR:
@@ -452,8 +514,8 @@ class IndexBuilder:
             ix.nlink[ino] = 2
             ix.nlink[parent] += 1
         elif kind == SYMLINK:
-            target = e.get("linkName")
-            if type(target) is not str or not target:
+            target = e.linkName
+            if not target:
                 raise self.fail(i, e, "symlink without linkName")
             size = len(target.encode("utf-8", "surrogateescape")) if not target.isascii() else len(target)
             if size >= self.limits.max_path or "\x00" in target:
@@ -467,11 +529,9 @@ class IndexBuilder:
             ix.mode[ino] = SYMLINK_MODE
             self.cost += _LINK_COST + size
         elif kind in (CHAR, BLOCK):
-            ix.rdev[ino] = (self.int_field(i, e, "devMajor"), self.int_field(i, e, "devMinor"))
+            ix.rdev[ino] = (e.devMajor, e.devMinor)
         elif kind == REG:
-            size = e.get("size", 0)
-            if type(size) is not int or not 0 <= size < _I64:
-                size = self.int_field(i, e, "size")
+            size = e.size
             if size > self.limits.max_file_size:
                 raise self.fail(i, e, f"size {size} beyond the limit of {self.limits.max_file_size}")
             ix.size[ino] = size
@@ -499,7 +559,7 @@ class IndexBuilder:
         self.cost += _INODE_COST + len(base) + len(path)
         return ino
 
-    def directory(self, path: str, i: int, e: dict) -> int:
+    def directory(self, path: str, i: int, e: TocEntry) -> int:
         """The inode of a directory path, creating missing parents (0755 root) implicitly, outermost
         first (a loop, not recursion: paths may have thousands of components)."""
         ino = self.by_path.get(path)
@@ -521,26 +581,14 @@ class IndexBuilder:
             self.children[ino] = []
         return ino
 
-    def set_attrs(self, ino: int, i: int, e: dict) -> None:
+    def set_attrs(self, ino: int, i: int, e: TocEntry) -> None:
         ix = self.ix
-        mode, uid, gid = e.get("mode", 0), e.get("uid", 0), e.get("gid", 0)
-        if type(mode) is not int or not 0 <= mode < _U32:  # the checks inline: this runs per entry
-            mode = self.int_field(i, e, "mode")
-        if type(uid) is not int or not 0 <= uid < _U32:
-            uid = self.int_field(i, e, "uid")
-        if type(gid) is not int or not 0 <= gid < _U32:
-            gid = self.int_field(i, e, "gid")
-        ix.mode[ino] = mode & 0o7777
-        ix.uid[ino] = uid
-        ix.gid[ino] = gid
-        text = e.get("modtime")
-        ix.mtime[ino] = (self.mtimes.get(text) if type(text) is str else None) or self.mtime(i, e)
-        xattrs = e.get("xattrs")
+        ix.mode[ino] = e.mode & 0o7777
+        ix.uid[ino] = e.uid
+        ix.gid[ino] = e.gid
+        ix.mtime[ino] = self.mtimes.get(e.modtime) or self.mtime(i, e)
+        xattrs = e.xattrs
         if xattrs:
-            if type(xattrs) is not dict or not all(
-                type(k) is str and type(v) is str for k, v in xattrs.items()
-            ):
-                raise self.fail(i, e, "xattrs must map names to base64 strings")
             try:
                 if (
                     sum(len(base64.b64decode(v, validate=True)) for v in xattrs.values())
@@ -552,9 +600,9 @@ class IndexBuilder:
             ix.xattrs[ino] = dict(xattrs)
             self.cost += _XATTR_COST + sum(_XATTR_COST + len(k) + len(v) for k, v in xattrs.items())
 
-    def add_hardlink(self, i: int, e: dict, name: str) -> None:
-        target_name = e.get("linkName")
-        if type(target_name) is not str:
+    def add_hardlink(self, i: int, e: TocEntry, name: str) -> None:
+        target_name = e.linkName
+        if not target_name:
             raise self.fail(i, e, "hardlink without linkName")
         target_name = "" if target_name in ROOT_NAMES else target_name.removeprefix("./").rstrip("/")
         target = self.by_path.get(target_name)
@@ -571,43 +619,29 @@ class IndexBuilder:
         self.ix.nlink[target] += 1
         self.cost += _INODE_COST + len(base) + len(name)
 
-    def add_chunk(self, i: int, e: dict, name: str, first: bool = False) -> None:
+    def add_chunk(self, i: int, e: TocEntry, name: str, first: bool = False) -> None:
         ix = self.ix
         ino = self.current_file
         if not first and (ino < 0 or name != self.current_name):
             raise self.fail(i, e, "chunk entry that does not follow its regular file")
         file_size = ix.size[ino]
-        get = e.get
-        file_offset, size, start, inner = (
-            get("chunkOffset", 0),
-            get("chunkSize", 0),
-            get("offset", 0),
-            get("innerOffset", 0),
-        )
-        if type(file_offset) is not int or not 0 <= file_offset < _I64:  # the checks inline: per chunk
-            file_offset = self.int_field(i, e, "chunkOffset")
-        if type(size) is not int or not 0 <= size < _I64:
-            size = self.int_field(i, e, "chunkSize")
-        if type(start) is not int or not 0 <= start < _I64:
-            start = self.int_field(i, e, "offset")
-        if type(inner) is not int or not 0 <= inner < _I64:
-            inner = self.int_field(i, e, "innerOffset")
+        file_offset, size, start, inner = e.chunkOffset, e.chunkSize, e.offset, e.innerOffset
         expected = ix.c_file_offset[-1] + ix.c_size[-1] if ix.chunk_count[ino] else 0
         if file_offset != expected:
             raise self.fail(i, e, f"chunk at file offset {file_offset}, expected {expected}")
         size = size or file_size - file_offset
         if size <= 0 or file_offset + size > file_size or size > self.limits.max_chunk_size:
             raise self.fail(i, e, f"chunk size {size} does not fit the file of {file_size} bytes")
-        storage = ZEROS if e.get("chunkType") == "zeros" else self.storage
+        storage = ZEROS if e.chunkType == "zeros" else self.storage
         end = 0  # 0: up to the next member (finish_chunks)
         if storage != ZEROS:
-            if not 0 <= start < self.data_end:
+            if start >= self.data_end:
                 raise self.fail(i, e, f"offset {start} outside the data region [0, {self.data_end})")
-            if "endOffset" in e:
-                end = self.int_field(i, e, "endOffset")
+            if e.endOffset is not None:
+                end = e.endOffset
                 if not start < end <= self.data_end:
                     raise self.fail(i, e, f"endOffset {end} outside ({start}, {self.data_end}]")
-        digest = e.get("chunkDigest") or (e.get("digest") if first and size == file_size else None)
+        digest = e.chunkDigest or (e.digest if first and size == file_size else "")
         ix.c_storage.append(storage)
         ix.c_start.append(start)
         ix.c_end.append(end)
@@ -729,23 +763,12 @@ class IndexBuilder:
             ix.child_list.extend(kids)
         self.children = {}
 
-    def int_field(self, i: int, e: dict, key: str) -> int:
-        v = e.get(key)
-        if v is None:
-            return 0
-        limit = _U32 if key in _U32_FIELDS else _I64
-        if type(v) is int and 0 <= v < limit:
-            return v
-        raise self.fail(i, e, f"{key} must be an integer in [0, {limit}), not {v!r}")
-
-    def mtime(self, i: int, e: dict) -> int:
-        text = e.get("modtime")
+    def mtime(self, i: int, e: TocEntry) -> int:
+        text = e.modtime
         if not text:
             return 0
-        ns = self.mtimes.get(text) if type(text) is str else None
+        ns = self.mtimes.get(text)
         if ns is None:
-            if type(text) is not str:
-                raise self.fail(i, e, "modtime is not a string")
             try:
                 t = _dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
             except ValueError as err:
@@ -759,10 +782,10 @@ class IndexBuilder:
             self.mtimes[text] = ns
         return ns
 
-    def digest(self, i: int, e: dict, value: Any) -> bytes:
-        if value is None:
+    def digest(self, i: int, e: TocEntry, value: str) -> bytes:
+        if not value:
             return _NO_DIGEST
-        if type(value) is not str or not value.startswith("sha256:") or len(value) != 71:
+        if not value.startswith("sha256:") or len(value) != 71:
             raise self.fail(i, e, f"unsupported digest {value!r} (sha256 expected)")
         try:
             return bytes.fromhex(value[7:])

@@ -101,6 +101,16 @@ def toc_of_long_unique_names() -> bytes:
     return estargz_with_toc_text(repeated(b'{"version":1,"entries":[', entry, 1_000_000, b"]}"))
 
 
+def toc_of_tiny_entries() -> bytes:
+    """1.3 million distinct files in 40 MiB of TOC JSON: small enough to be held whole, but decoded at
+    once their entries would take ~400 MiB."""
+
+    def entry(i: int) -> bytes:
+        return b'{"name":"f%07d","type":"reg"}' % i
+
+    return estargz_with_toc_text(repeated(b'{"version":1,"entries":[', entry, 1_300_000, b"]}"))
+
+
 def toc_with_one_huge_name() -> bytes:
     def pieces() -> Iterator[bytes]:
         yield b'{"version":1,"entries":[{"type":"reg","name":"'
@@ -154,6 +164,7 @@ def decode_zstd_bomb() -> str:
 SCENARIOS: dict[str, Callable[[], str]] = {
     "repeated-directories": lambda: _open(toc_of_repeated_directories()),
     "long-unique-names": lambda: _open(toc_of_long_unique_names()),
+    "tiny-entries": lambda: _open(toc_of_tiny_entries()),
     "one-huge-name": lambda: _open(toc_with_one_huge_name()),
     "huge-member-before-entries": lambda: _open(toc_with_a_huge_member_before_entries()),
     "gzip-chunk-bomb": decode_gzip_bomb,
@@ -166,6 +177,7 @@ SCENARIOS: dict[str, Callable[[], str]] = {
     [
         ("repeated-directories", "TOC has more than 1000000 entries"),
         ("long-unique-names", "the index of this TOC would take more than 128 MiB"),
+        ("tiny-entries", "the index of this TOC would take more than 128 MiB"),
         ("one-huge-name", "TOC entry 0 is longer than 262144 characters"),
         ("huge-member-before-entries", "TOC member 'padding' is longer than 262144 characters"),
         ("gzip-chunk-bomb", "fewer than innerOffset 1099511627776 + size 1"),

@@ -262,9 +262,10 @@ def test_index_memory_per_entry_stays_under_300_bytes() -> None:
     import tracemalloc
 
     from bench.index_build import synthetic_toc
+    from fuse.formats.reader import decode_toc
 
     toc, data_end = synthetic_toc(20_000)
-    doc = json.loads(toc)
+    doc = decode_toc(toc)
     tracemalloc.start()
     try:
         ix = build_index(doc, data_end=data_end + 10, storage=GZIP, what="t")

@@ -360,11 +360,21 @@ _toc_docs = st.one_of(
 
 
 @settings(max_examples=400, deadline=None)
-@given(_toc_docs, st.integers(1, 50), st.sampled_from([None, "\t", 1]), st.integers(0, 1 << 16))
-@example({"version": 1, "entries": [{"type": [], "name": ""}]}, 1, None, 0)  # a type that is no string
-def test_fuzzed_streamed_tocs_read_as_json_loads_reads_them(doc, piece: int, indent, cut: int) -> None:
-    """The streamed TOC parser, whatever the piece boundaries, accepts and indexes exactly what
-    json.loads + build_index does, and a truncated TOC is a FormatError, never another exception."""
+@given(
+    _toc_docs,
+    st.integers(1, 50),
+    st.sampled_from([None, "\t", 1]),
+    st.integers(0, 1 << 16),
+    st.sampled_from([0, 1 << 20]),
+)
+@example({"version": 1, "entries": [{"type": [], "name": ""}]}, 1, None, 0, 0)  # a type that is no string
+@example({"version": 1, "entries": [{"type": [], "name": ""}]}, 1, None, 0, 1 << 20)
+def test_fuzzed_streamed_tocs_read_as_json_loads_reads_them(
+    doc, piece: int, indent, cut: int, whole: int
+) -> None:
+    """The TOC reader, decoding the TOC at once (`whole` bytes at most) or streaming it whatever the
+    piece boundaries, accepts and indexes exactly what json.loads + build_index does, and a truncated
+    TOC is a FormatError, never another exception."""
     from unittest import mock
 
     from fuse.formats import Footer, build_index, read_toc
@@ -376,7 +386,10 @@ def test_fuzzed_streamed_tocs_read_as_json_loads_reads_them(doc, piece: int, ind
     def streamed(text: bytes):
         raw = zstandard.ZstdCompressor().compress(text)
         footer = Footer(ESTARGZ_ZSTD, 48, 1000, len(raw), len(text))
-        with mock.patch.object(reader_module, "TEXT_PIECE", piece):
+        with (
+            mock.patch.object(reader_module, "TEXT_PIECE", piece),
+            mock.patch.object(reader_module, "WHOLE_TOC", whole),
+        ):
             try:
                 ix = read_toc(footer, raw, None, "fuzz")[0]
             except FormatError:
