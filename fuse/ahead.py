@@ -20,6 +20,10 @@ registry is long (`PY_AHEAD_LATENCY`, as measured): on a short one the link, not
 what a start waits for, and guessed files took it from the reads (measured: slower). A conditional
 import never taken costs its file's bytes.
 
+The program a container of the image runs (the image config's Entrypoint and Cmd) is known before it
+starts: `program` fetches its head, and so all of the above, while containerd is still creating the
+container (`fuse.layers.RemoteLayers` calls it when an image's top layer is mounted).
+
 Everything here is best effort within `read_timeout`: a malformed file or a module not found ends the
 guess, never a read.
 """
@@ -156,6 +160,15 @@ class LoaderAhead:
             where = compiled(handle.layer.index.path(ino))
             if where is not None and self._first(handle, ino):
                 self.fetcher.spawn(self._guess, self._follow_python, handle, where, head)
+
+    def program(self, stack: list[LayerHandle], paths: list[str]) -> str | None:
+        """A container is about to run the first of `paths` found in `stack` (top first): fetch its head
+        now, and so what its loader reads after it. The path fetched, or None."""
+        for path in paths:
+            if (found := resolve(stack, path)) is not None:
+                self._fetch_head(found)
+                return path
+        return None
 
     def _first(self, handle: LayerHandle, ino: int) -> bool:
         """True the first time a file is followed (exactly: a bit per inode of the layer, gone with

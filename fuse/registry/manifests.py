@@ -104,3 +104,54 @@ def select(index: dict, want: Platform, what: str) -> dict:
         for p in (e.get("platform") or {} for e in index["manifests"])
     )
     raise ManifestError(f"{what}: no manifest for platform {want} (the index has: {have or 'none'})")
+
+
+# --- what the image's containers run -----------------------------------------------------------------
+
+MAX_CONFIG_READ = 1 << 20  # an image config read for its command (real ones: a few KiB)
+DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"  # runc's, when unset
+MAX_PATH_DIRS = 32  # PATH directories a program is looked for in
+
+
+@dataclass(frozen=True)
+class Command:
+    """What a container of the image runs unless told otherwise: the image config's Entrypoint, then
+    its Cmd (as Docker and containerd join them), in its working directory and PATH."""
+
+    argv: tuple[str, ...]
+    workdir: str = "/"
+    path: tuple[str, ...] = tuple(DEFAULT_PATH.split(":"))
+
+    def program(self) -> list[str]:
+        """Where the program may be, in the order it is looked for: argv[0] itself when it names a path
+        (relative to the working directory), else in each PATH directory."""
+        name = self.argv[0]
+        if "/" in name:
+            return [name if name.startswith("/") else f"{self.workdir.rstrip('/')}/{name}"]
+        return [f"{d.rstrip('/')}/{name}" for d in self.path if d.startswith("/")][:MAX_PATH_DIRS]
+
+
+def command(config: bytes) -> Command | None:
+    """The command an image config names, or None when it names none (or is not a valid config)."""
+    try:
+        doc = json.loads(config)
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
+        return None
+    settings = doc.get("config") if isinstance(doc, dict) else None
+    if not isinstance(settings, dict):
+        return None
+
+    def strings(key: str) -> list[str]:
+        value = settings.get(key)
+        return value if isinstance(value, list) and all(isinstance(v, str) for v in value) else []
+
+    argv = [*strings("Entrypoint"), *strings("Cmd")]
+    if not argv or not argv[0]:
+        return None
+    workdir = settings.get("WorkingDir")
+    path = next((e[5:] for e in strings("Env") if e.startswith("PATH=")), DEFAULT_PATH)
+    return Command(
+        tuple(argv),
+        workdir if isinstance(workdir, str) and workdir.startswith("/") else "/",
+        tuple(path.split(":")),
+    )

@@ -16,6 +16,7 @@ command-line flags. Every key is optional; the defaults:
     read_ahead = "8MiB"                       # a file read sequentially: fetch this much ahead
     prefetch = true                           # fetch the prioritized region of each layer at mount
     background = true                         # then fetch the rest of each layer in the background
+    prefetch_program = true                   # fetch the image's entrypoint and its libraries at pull
     background_rate = "0"                     # bytes/s for the background fetch; "0" = unlimited
     metrics_address = ""                      # host:port for Prometheus /metrics (loopback); "" = off
     cri_address = ""                          # CRI image service proxy socket for kubelet; "" = off
@@ -61,6 +62,7 @@ class Config:
     read_ahead: str = "8MiB"
     prefetch: bool = True
     background: bool = True
+    prefetch_program: bool = True
     background_rate: str = "0"
     metrics_address: str = ""
     cri_address: str = ""

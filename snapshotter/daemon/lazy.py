@@ -80,6 +80,7 @@ class LazyRuntime:
             self.client,
             open_timeout=config.open_timeout,
             background=config.background,
+            prefetch_program=config.prefetch_program,
         )
         self.mount = FuseMount(self.fs, self.fetcher, self.mountpoint, on_failure=self._failed)
         self.adopted = False  # this process took over the previous daemon's live mount

@@ -101,30 +101,58 @@ async def test_the_head_of_a_program_brings_its_loader_and_libraries(
     assert data[:4] == (b"\x7fELF" if read.startswith("app/bin") else b"not ")
     await trio.sleep(0.5)
 
-    def local(handle: LayerHandle, path: str) -> list[bool]:
-        """Which chunks of a file are in memory or in the cache now."""
-        ix = handle.layer.index
-        ino = ix.find(path)
-        return [
-            (handle.id, c) in fetcher._memory or bool(handle.cached[c])
-            for c in range(ix.first_chunk[ino], ix.first_chunk[ino] + ix.chunk_count[ino])
-        ]
-
     if read == "app/notes.txt":  # no program: nothing guessed
         assert base.layer.source.requests == 0
         return
-    assert local(app, "app/bin/tool") == [True, False, True]  # the head, and the dynamic section's chunk
-    assert local(app, "app/lib/libapp.so.2") == [True]  # found through RUNPATH $ORIGIN/../lib
-    assert local(base, "usr/lib/x86_64-linux-gnu/libc-2.36.so") == [True, True]  # and libc's dynamic section
-    assert local(base, "usr/lib/x86_64-linux-gnu/ld-linux-x86-64.so.2") == [True]  # the interpreter
-    assert local(base, "etc/ld.so.cache") == [True]  # which reads its cache first
-    assert local(base, "usr/lib/x86_64-linux-gnu/blas/libblas.so.3.11.0") == [True]  # behind two symlinks
-    assert local(base, "usr/lib/x86_64-linux-gnu/libunused.so.1") == [False]  # nobody needs it
+    # the head, and the dynamic section's chunk
+    assert local(fetcher, app, "app/bin/tool") == [True, False, True]
+    assert local(fetcher, app, "app/lib/libapp.so.2") == [True]  # found through RUNPATH $ORIGIN/../lib
+    # and libc's dynamic section
+    assert local(fetcher, base, "usr/lib/x86_64-linux-gnu/libc-2.36.so") == [True, True]
+    assert local(fetcher, base, "usr/lib/x86_64-linux-gnu/ld-linux-x86-64.so.2") == [True]  # the interpreter
+    assert local(fetcher, base, "etc/ld.so.cache") == [True]  # which reads its cache first
+    # behind two symlinks
+    assert local(fetcher, base, "usr/lib/x86_64-linux-gnu/blas/libblas.so.3.11.0") == [True]
+    assert local(fetcher, base, "usr/lib/x86_64-linux-gnu/libunused.so.1") == [False]  # nobody needs it
     requests = base.layer.source.requests + app.layer.source.requests
     # a second program needing the same libraries costs nothing more
     await fetcher.read(app, app.layer.index.find("app/bin/tool"), 0, 4096)
     await trio.sleep(0.2)
     assert base.layer.source.requests + app.layer.source.requests == requests
+
+
+async def test_the_program_a_container_will_run_is_fetched_before_it_starts(tmp_path: Path, nursery) -> None:
+    """`program`: the first of the paths found is fetched, and what its loader reads after it, with no
+    read at all; a program found nowhere fetches nothing."""
+    base, app = await handle_of(BASE, "base"), await handle_of(APP, "app")
+    cache = ChunkCache(tmp_path / "cache", 1 << 30, fsync=False)
+    await cache.open()
+    fetcher = Fetcher(cache, FetchOptions(merge_min=0, merge_cap=0, background=False))
+    ahead = LoaderAhead(fetcher, lambda handle: [app, base])
+    await nursery.start(fetcher.run)
+
+    assert ahead.program([app, base], ["/usr/bin/nothing", "/bin/nothing"]) is None
+    await trio.sleep(0.2)
+    assert base.layer.source.requests == app.layer.source.requests == 0
+
+    assert ahead.program([app, base], ["/usr/bin/tool", "/app/bin/tool"]) == "/app/bin/tool"
+    with trio.fail_after(5):
+        while not all(local(fetcher, base, "usr/lib/x86_64-linux-gnu/libc-2.36.so")):
+            await trio.sleep(0.02)
+    assert local(fetcher, app, "app/bin/tool") == [True, False, True]
+    assert local(fetcher, app, "app/lib/libapp.so.2") == [True]
+    assert local(fetcher, base, "usr/lib/x86_64-linux-gnu/ld-linux-x86-64.so.2") == [True]
+    assert local(fetcher, base, "usr/lib/x86_64-linux-gnu/libunused.so.1") == [False]
+
+
+def local(fetcher: Fetcher, handle: LayerHandle, path: str) -> list[bool]:
+    """Which chunks of a file are in memory or in the cache now."""
+    ix = handle.layer.index
+    ino = ix.find(path)
+    return [
+        (handle.id, c) in fetcher._memory or bool(handle.cached[c])
+        for c in range(ix.first_chunk[ino], ix.first_chunk[ino] + ix.chunk_count[ino])
+    ]
 
 
 PY = [

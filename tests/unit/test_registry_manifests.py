@@ -283,3 +283,52 @@ def test_select_error_with_entries_without_platform_and_empty_index() -> None:
         select(doc, Platform.parse("linux/amd64"), WHAT)
     with pytest.raises(ManifestError, match="the index has: none"):
         select({"manifests": []}, Platform.parse("linux/amd64"), WHAT)
+
+
+def config(**settings: Any) -> bytes:
+    return json.dumps({"architecture": "amd64", "os": "linux", "config": settings}).encode()
+
+
+@pytest.mark.parametrize(
+    ("body", "argv", "program"),
+    [
+        # Entrypoint, then Cmd as its arguments; a bare name is looked up in the image's PATH
+        (
+            config(Entrypoint=["tini", "--"], Cmd=["python3", "app.py"], Env=["A=1", "PATH=/opt/bin:/bin"]),
+            ("tini", "--", "python3", "app.py"),
+            ["/opt/bin/tini", "/bin/tini"],
+        ),
+        # Cmd alone; no PATH in Env: runc's default
+        (
+            config(Cmd=["python3", "/app/main.py"]),
+            ("python3", "/app/main.py"),
+            [f"{d}/python3" for d in manifests.DEFAULT_PATH.split(":")],
+        ),
+        # a relative path is the working directory's; an absolute one is itself
+        (config(Cmd=["./run.sh"], WorkingDir="/srv/app/"), ("./run.sh",), ["/srv/app/./run.sh"]),
+        (config(Entrypoint=["/bin/sh", "-c"], Cmd=["exec x"]), ("/bin/sh", "-c", "exec x"), ["/bin/sh"]),
+        # a relative PATH directory is never searched (nothing to resolve it against)
+        (config(Cmd=["x"], Env=["PATH=bin:/usr/bin"]), ("x",), ["/usr/bin/x"]),
+    ],
+)
+def test_the_command_an_image_config_names(body: bytes, argv: tuple, program: list[str]) -> None:
+    command = manifests.command(body)
+    assert command is not None and command.argv == argv
+    assert command.program() == program
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"not json",
+        b"[]",
+        json.dumps({"config": None}).encode(),
+        config(),  # no command
+        config(Cmd="python3"),  # a string, not a list
+        config(Cmd=[1, 2]),
+        config(Cmd=[""]),
+        b"[" * 100_000,  # nested deeper than the parser goes
+    ],
+)
+def test_configs_without_a_usable_command(body: bytes) -> None:
+    assert manifests.command(body) is None
