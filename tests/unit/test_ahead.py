@@ -136,12 +136,18 @@ async def test_the_program_a_container_will_run_is_fetched_before_it_starts(tmp_
     assert base.layer.source.requests == app.layer.source.requests == 0
 
     assert ahead.program([app, base], ["/usr/bin/tool", "/app/bin/tool"]) == "/app/bin/tool"
+    await tool_and_its_libraries_arrive(fetcher, app, base)
+
+
+async def tool_and_its_libraries_arrive(fetcher: Fetcher, app: LayerHandle, base: LayerHandle) -> None:
+    """Wait for what app/bin/tool's loader reads (APP over BASE), and nothing else, to be local."""
     with trio.fail_after(5):
         while not all(local(fetcher, base, "usr/lib/x86_64-linux-gnu/libc-2.36.so")):
             await trio.sleep(0.02)
     assert local(fetcher, app, "app/bin/tool") == [True, False, True]
     assert local(fetcher, app, "app/lib/libapp.so.2") == [True]
     assert local(fetcher, base, "usr/lib/x86_64-linux-gnu/ld-linux-x86-64.so.2") == [True]
+    assert local(fetcher, base, "etc/ld.so.cache") == [True]
     assert local(fetcher, base, "usr/lib/x86_64-linux-gnu/libunused.so.1") == [False]
 
 
