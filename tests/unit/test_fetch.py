@@ -10,7 +10,15 @@ import trio
 
 from fuse.ahead import LoaderAhead
 from fuse.cache import ChunkCache
-from fuse.fetch import MERGE_UNMEASURED, Fetcher, FetchOptions, FetchTimeout, LayerHandle, LinkEstimate
+from fuse.fetch import (
+    MERGE_UNMEASURED,
+    Fetcher,
+    FetchOptions,
+    FetchTimeout,
+    LayerHandle,
+    LinkEstimate,
+    NeighbourUse,
+)
 from fuse.formats import BytesSource, open_layer
 from snapshotter.convert.writer import WriteOptions, convert_bytes
 from tests.harness import images as im
@@ -149,6 +157,43 @@ def test_the_link_decides_how_many_neighbours_a_miss_fetches() -> None:
     slow.observe(4096, 0.0005)
     slow.observe(1 << 20, 0.0005 + (1 << 20) / 1e6)
     assert slow.neighbours(32 << 10, 1 << 20) == 32 << 10  # a slow link: merge_min
+
+
+def test_neighbours_count_as_much_as_they_are_read() -> None:
+    """The link's budget times the share of neighbour bytes that reads asked for, over a window."""
+    use = NeighbourUse()
+    assert use.share == 1.0  # trusted until measured
+    link = LinkEstimate()
+    link.observe(4096, 0.1)
+    link.observe(4 << 20, 0.1 + (4 << 20) / 1e9)
+    assert link.neighbours(32 << 10, 1 << 20, use.share) == 1 << 20
+    use.add_fetched(3 * (256 << 10))  # 1 MiB fetched in all (the prior included), a quarter read
+    assert use.share == 0.25
+    full = link.neighbours(32 << 10, 8 << 20)
+    assert abs(link.neighbours(32 << 10, 8 << 20, use.share) - full / 4) <= 1
+    for _ in range(200):  # a long run of neighbours nobody reads: the old share fades
+        use.add_fetched(1 << 20)
+    assert use.share < 0.01
+    assert link.neighbours(32 << 10, 1 << 20, use.share) == 32 << 10  # merge_min still
+    use.add_read(1 << 40)  # never more read than fetched
+    assert use.share == 1.0
+
+
+async def test_a_miss_fetches_fewer_neighbours_when_they_go_unread(tmp_path: Path, nursery) -> None:
+    source, handle, fetcher = await setup(tmp_path, FetchOptions(merge_cap=1 << 20, merge_min=0))
+    await nursery.start(fetcher.run)
+    fetcher.link(handle).observe(4096, 0.1)  # far away: a miss takes its neighbours up to merge_cap
+    fetcher.link(handle).observe(4 << 20, 0.1 + (4 << 20) / 1e9)
+    ix = handle.layer.index
+    await fetcher.read(handle, ix.find("f00"), 0, 10)
+    first = sum(handle.neighbour)
+    assert first >= 5  # f01... came along
+    before = fetcher.neighbour_use.share
+    await fetcher.read(handle, ix.find("f01"), 0, 10)  # one of them is read
+    assert fetcher.neighbour_use.share > before and sum(handle.neighbour) == first - 1
+    fetcher.neighbour_use.add_fetched(64 << 20)  # as if many went unread since
+    await fetcher.read(handle, ix.find("big"), 0, 10)
+    assert sum(handle.neighbour) == first - 1  # the next miss came alone
 
 
 async def test_a_first_read_at_offset_zero_is_not_read_ahead(tmp_path: Path, nursery) -> None:
