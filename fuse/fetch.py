@@ -14,10 +14,10 @@
   `merge_min` and `merge_cap` compressed bytes: with every neighbour read, about 55 KB at 100 Mbit/s
   with a 5 ms request, about 150 KB on a 1 GB/s link with 2 ms requests (more would cost more
   decoding than the round trips it saves), 1 MiB with 100 ms round trips. (Measured: with the share,
-  python-numpy on an unshaped link fetched 18.6 MB before ready instead of 21.7, the peer 18.9.) Every request also stays within `inflate_cap`
-  decompressed bytes as the TOC declares them (innerOffset + size per chunk: what decoding it
-  inflates), so a small read of a hostile layer cannot inflate gigabytes. Prefetch and background
-  pieces keep to the same decompressed budget.
+  python-numpy on an unshaped link fetched 18.6 MB before ready instead of 21.7, the peer 18.9.)
+  Every request also stays within `inflate_cap` decompressed bytes as the TOC declares them
+  (innerOffset + size per chunk: what decoding it inflates), so a small read of a hostile layer
+  cannot inflate gigabytes. Prefetch and background pieces keep to the same decompressed budget.
 - A file read sequentially (a read that starts where the previous one of the file ended) is read ahead
   within the file, up to `read_ahead`. A first read at offset 0 is not sequential: the dynamic loader
   reads a library's ELF header, then maps only parts of it. Which parts it reads at once is in the
