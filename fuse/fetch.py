@@ -9,8 +9,9 @@
   worth it: a neighbour fetched now saves a request later if it is read, and costs its transfer time
   whether or not it is. So the neighbours' budget is what the link carries in the time one request
   costs (per-request latency x the rate fetched bytes become usable: the link's bandwidth, both
-  measured per registry host (`LinkEstimate`), and the data path's own `DECODE_RATE`), times the share
-  of neighbour bytes that reads then asked for (`NeighbourUse`, over the last ~32 MiB of them), between
+  measured per registry host (`LinkEstimate`), and the data path's own `DECODE_RATE`), on a link faster
+  than the data path times the share of neighbour bytes that reads then asked for (`NeighbourUse`,
+  over the last ~32 MiB of them), between
   `merge_min` and `merge_cap` compressed bytes: with every neighbour read, about 55 KB at 100 Mbit/s
   with a 5 ms request, about 150 KB on a 1 GB/s link with 2 ms requests (more would cost more
   decoding than the round trips it saves), 1 MiB with 100 ms round trips. (Measured: with the share,
@@ -186,12 +187,16 @@ class LinkEstimate:
     def neighbours(self, low: int, high: int, read: float = 1.0) -> int:
         """Neighbouring bytes worth fetching with a miss: what the link carries in one request's time,
         at the rate fetched bytes become usable (the link's, and decoding them: on a fast link the
-        neighbours are not free, their decoding is what a start waits for), times the share `read` of
-        neighbours that are read (`NeighbourUse`): one never read saves no request."""
+        neighbours are not free, their decoding is what a start waits for). On a link faster than the
+        data path, times the share `read` of neighbour bytes that are read (`NeighbourUse`): there a
+        neighbour costs decoding and bytes, and one never read saves nothing. On a slower link the
+        neighbours arrive after the byte a read waits for (the early head) while the start computes
+        between misses: weighed so, starts were slower (python-numpy at 100 Mbit/s: 2.37 s, not 2.28)."""
         if self.latency is None or self.bandwidth is None:
-            return max(low, min(high, int(MERGE_UNMEASURED * read)))
+            return max(low, min(high, MERGE_UNMEASURED))
         rate = 1 / (1 / self.bandwidth + 1 / DECODE_RATE)
-        return max(low, min(high, int(rate * self.latency * read)))
+        weight = read if self.bandwidth >= DECODE_RATE else 1.0
+        return max(low, min(high, int(rate * self.latency * weight)))
 
 
 class NeighbourUse:

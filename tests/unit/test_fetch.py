@@ -163,9 +163,9 @@ def test_neighbours_count_as_much_as_they_are_read() -> None:
     """The link's budget times the share of neighbour bytes that reads asked for, over a window."""
     use = NeighbourUse()
     assert use.share == 1.0  # trusted until measured
-    link = LinkEstimate()
+    link = LinkEstimate()  # a link faster than the data path (1 GB/s), 100 ms away
     link.observe(4096, 0.1)
-    link.observe(4 << 20, 0.1 + (4 << 20) / 1e9)
+    link.observe(64 << 20, 0.1 + (64 << 20) / 1e9)
     assert link.neighbours(32 << 10, 1 << 20, use.share) == 1 << 20
     use.add_fetched(3 * (256 << 10))  # 1 MiB fetched in all (the prior included), a quarter read
     assert use.share == 0.25
@@ -175,6 +175,10 @@ def test_neighbours_count_as_much_as_they_are_read() -> None:
         use.add_fetched(1 << 20)
     assert use.share < 0.01
     assert link.neighbours(32 << 10, 1 << 20, use.share) == 32 << 10  # merge_min still
+    slow = LinkEstimate()  # 100 Mbit/s: slower than the data path, the share does not count
+    slow.observe(4096, 0.005)
+    slow.observe(1 << 20, 0.005 + (1 << 20) / 12.5e6)
+    assert slow.neighbours(32 << 10, 1 << 20, use.share) == slow.neighbours(32 << 10, 1 << 20) > 50_000
     use.add_read(1 << 40)  # never more read than fetched
     assert use.share == 1.0
 
@@ -182,8 +186,8 @@ def test_neighbours_count_as_much_as_they_are_read() -> None:
 async def test_a_miss_fetches_fewer_neighbours_when_they_go_unread(tmp_path: Path, nursery) -> None:
     source, handle, fetcher = await setup(tmp_path, FetchOptions(merge_cap=1 << 20, merge_min=0))
     await nursery.start(fetcher.run)
-    fetcher.link(handle).observe(4096, 0.1)  # far away: a miss takes its neighbours up to merge_cap
-    fetcher.link(handle).observe(4 << 20, 0.1 + (4 << 20) / 1e9)
+    fetcher.link(handle).observe(4096, 0.1)  # fast and far: a miss takes its neighbours up to merge_cap
+    fetcher.link(handle).observe(64 << 20, 0.1 + (64 << 20) / 1e9)
     ix = handle.layer.index
     await fetcher.read(handle, ix.find("f00"), 0, 10)
     first = sum(handle.neighbour)
