@@ -9,8 +9,8 @@
   worth it: a neighbour fetched now saves a request later if it is read, and costs its transfer time
   whether or not it is. So the neighbours' budget is what the link carries in the time one request
   costs (per-request latency x the rate fetched bytes become usable: the link's bandwidth, both
-  measured per registry host (`LinkEstimate`), and the data path's own `DECODE_RATE`), on a link faster
-  than the data path times the share of neighbour bytes that reads then asked for (`NeighbourUse`,
+  measured per registry host (`LinkEstimate`), and the data path's own `DECODE_RATE`), where that is
+  over `SMALL_MERGE` times the share of neighbour bytes that reads then asked for (`NeighbourUse`,
   over the last ~32 MiB of them), between
   `merge_min` and `merge_cap` compressed bytes: with every neighbour read, about 55 KB at 100 Mbit/s
   with a 5 ms request, about 150 KB on a 1 GB/s link with 2 ms requests (more would cost more
@@ -137,6 +137,7 @@ DECODE_RATE = (
     80e6  # compressed bytes/s the data path turns into served chunks (HTTP, ISA-L, sha256; measured)
 )
 MERGE_UNMEASURED = 128 << 10  # neighbours' budget before a host's link is measured
+SMALL_MERGE = 128 << 10  # a neighbours' budget up to this is not weighed by their read share
 BUSY_WINDOW = 10.0  # seconds after an on-demand read during which background pieces stay small
 BUSY_PIECE_SECONDS = 0.05  # ... what the link carries in this long (at least 256 KiB)
 
@@ -187,16 +188,18 @@ class LinkEstimate:
     def neighbours(self, low: int, high: int, read: float = 1.0) -> int:
         """Neighbouring bytes worth fetching with a miss: what the link carries in one request's time,
         at the rate fetched bytes become usable (the link's, and decoding them: on a fast link the
-        neighbours are not free, their decoding is what a start waits for). On a link faster than the
-        data path, times the share `read` of neighbour bytes that are read (`NeighbourUse`): there a
-        neighbour costs decoding and bytes, and one never read saves nothing. On a slower link the
-        neighbours arrive after the byte a read waits for (the early head) while the start computes
-        between misses: weighed so, starts were slower (python-numpy at 100 Mbit/s: 2.37 s, not 2.28)."""
+        neighbours are not free, their decoding is what a start waits for). A budget over
+        `SMALL_MERGE` (a fast link, or a long round trip) is weighed by the share `read` of neighbour
+        bytes that reads asked for (`NeighbourUse`): such neighbours cost bytes (and decoding), and one
+        never read saves nothing. A smaller one (a slow link, short round trips: the small files next
+        to the one read) is not: those arrive after the byte the read waits for (the early head), in
+        the link's idle time while the start computes; weighed, starts were slower (python-numpy at
+        100 Mbit/s: 2.37 s, not 2.28)."""
         if self.latency is None or self.bandwidth is None:
             return max(low, min(high, MERGE_UNMEASURED))
         rate = 1 / (1 / self.bandwidth + 1 / DECODE_RATE)
-        weight = read if self.bandwidth >= DECODE_RATE else 1.0
-        return max(low, min(high, int(rate * self.latency * weight)))
+        budget = rate * self.latency
+        return max(low, min(high, int(budget * read if budget > SMALL_MERGE else budget)))
 
 
 class NeighbourUse:

@@ -175,7 +175,7 @@ def test_neighbours_count_as_much_as_they_are_read() -> None:
         use.add_fetched(1 << 20)
     assert use.share < 0.01
     assert link.neighbours(32 << 10, 1 << 20, use.share) == 32 << 10  # merge_min still
-    slow = LinkEstimate()  # 100 Mbit/s: slower than the data path, the share does not count
+    slow = LinkEstimate()  # 100 Mbit/s, 5 ms: a small budget, the share does not count
     slow.observe(4096, 0.005)
     slow.observe(1 << 20, 0.005 + (1 << 20) / 12.5e6)
     assert slow.neighbours(32 << 10, 1 << 20, use.share) == slow.neighbours(32 << 10, 1 << 20) > 50_000
