@@ -64,9 +64,12 @@ def env() -> Iterator[Env]:
         started.append(registry)
         plain = Containerd(directory / "plain").start()
         started.append(plain)
-        config = directory / "lazysnap.toml"  # no background fetch: what was fetched shows laziness
+        # no background fetch nor program ahead: what was fetched shows laziness (these images' program,
+        # /bin/sh, busybox, is most of their first layer)
+        config = directory / "lazysnap.toml"
         config.write_text(
             f'root = "{directory}/lazysnap"\naddress = "{directory}/lazysnap.sock"\nbackground = false\n'
+            "prefetch_program = false\n"
         )
         snapshotter = Lazysnap(directory, config=config, log_level="info").start()
         started.append(snapshotter)
@@ -219,7 +222,10 @@ def test_an_indexed_plain_image_loads_lazily_as_it_is(
     # the shared pair already holds as committed snapshots (a snapshot that exists is not prepared)
     name = f"lazysnap-indexed-{source}"
     config = env.dir / f"{name}.toml"
-    config.write_text(f'root = "{env.dir}/{name}"\naddress = "{env.dir}/{name}.sock"\nbackground = false\n')
+    config.write_text(
+        f'root = "{env.dir}/{name}"\naddress = "{env.dir}/{name}.sock"\nbackground = false\n'
+        "prefetch_program = false\n"
+    )
     snapshotter = Lazysnap(env.dir, name=name, config=config, log_level="info").start()
     lazy = Containerd(env.dir / f"containerd-{name}", snapshotter_socket=snapshotter.address).start()
     try:
