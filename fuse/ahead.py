@@ -81,12 +81,12 @@ def _package_of(module: str | None) -> str | None:
 def resolve(stack: list[LayerHandle], path: str) -> tuple[LayerHandle, int] | None:
     """The regular file at an absolute path as a process sees it in the merged layers (top first),
     symlinks followed; None when there is none. Whiteouts are not looked at: a guess, not a lookup."""
-    parts = [p for p in path.split("/") if p and p != "."]
+    parts = [p for p in reversed(path.split("/")) if p and p != "."]  # next component last
     done: list[str] = []
     hops = 0
     found: tuple[LayerHandle, int] | None = None
     while parts:
-        name = parts.pop(0)
+        name = parts.pop()
         if name == "..":
             if done:
                 done.pop()
@@ -101,7 +101,7 @@ def resolve(stack: list[LayerHandle], path: str) -> tuple[LayerHandle, int] | No
             if hops > MAX_HOPS:
                 return None
             target = h.layer.index.readlink(ino)
-            parts = [p for p in target.split("/") if p and p != "."] + parts
+            parts.extend(p for p in reversed(target.split("/")) if p and p != ".")
             if target.startswith("/"):
                 done = []
             continue

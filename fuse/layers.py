@@ -281,8 +281,8 @@ class RemoteLayers:
                 command = mf.command(body)
                 found = self.ahead.program(self.stack(entry.handle), command.program()) if command else None
                 log.debug("program ahead for %s: %s: %s", req.ref, command and command.argv, found)
-        except RegistryError as e:
-            log.debug("no program ahead for %s: %s", req.ref, e)
+        except Exception as e:  # a guess: whatever the config or the registry holds, never the daemon's end
+            log.debug("no program ahead for %s: %s: %s", req.ref, type(e).__name__, e)
 
     def stack(self, handle: LayerHandle) -> list[LayerHandle]:
         """The lazy layers a process reading this layer most likely sees, top first: the chain of the

@@ -104,7 +104,7 @@ class TocDocument(msgspec.Struct, gc=False):
 
 _U32_FIELDS = frozenset({"mode", "uid", "gid", "devMajor", "devMinor"})  # the _U32Field fields
 _I64_FIELDS = frozenset({"size", "offset", "endOffset", "chunkOffset", "chunkSize", "innerOffset"})
-_ERROR_FIELD = re.compile(r"at `\$\.(\w+)`")
+_ERROR_FIELD = re.compile(r"at `\$\.(\w+)")
 
 
 @dataclass(frozen=True)

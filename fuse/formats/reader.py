@@ -61,6 +61,7 @@ INPUT_PIECE = 64 << 10  # compressed bytes handed to a decompressor at once
 TEXT_PIECE = 256 << 10  # TOC JSON bytes handed to the parser at once
 WHOLE_TOC = 40 << 20  # TOC JSON held whole and decoded at once when no larger (else streamed)...
 WHOLE_TOC_OBJECTS = 150_000  # ... and with no more objects than this (a decoded entry takes 300-700 B)
+WHOLE_TOC_NON_ASCII = 8 << 20  # ... or no larger than this when it has bytes beyond ASCII
 OUTPUT_PIECE = 4 << 20  # decompressed bytes asked for at once
 DECODE_LIMIT = trio.CapacityLimiter(2)  # decompression threads (the machine's cores)
 TOC_PARSES = trio.CapacityLimiter(1)  # TOC parses at once: each may take Limits.max_index_bytes
@@ -430,15 +431,32 @@ def _toc_pieces(footer: Footer, raw: bytes, what: str) -> Iterator[bytes]:
 
 
 def decode_toc(text: bytes) -> TocDocument | None:
-    """The TOC JSON decoded at once with its entries' types checked (`TocEntry`); None where that
-    refuses it, or where the two might read it differently (a document naming "entries" twice, which
-    the streamed parser refuses): the streamed parser then reads it, and says what is wrong."""
-    if text.count(b'"entries"') != 1:
+    """The TOC JSON decoded at once with its entries' types checked (`TocEntry`); None where msgspec
+    refuses it, and where the two parsers might read it differently or msgspec's memory would not be
+    bounded by the text's size: a document naming "entries" twice (which the streamed parser refuses),
+    a `\\u` escape (a key msgspec unescapes, such as a second "entr\\u0069es"), xattrs (a map of any
+    number of members), bytes beyond ASCII in a text over `WHOLE_TOC_NON_ASCII` (one astral character
+    makes a long string take 4 bytes a character) or that are not UTF-8 (msgspec skips unknown members
+    unchecked). The streamed parser then reads it, and says what is wrong with it."""
+    if (
+        text.count(b'"entries"') != 1
+        or b"\\u" in text
+        or b'"xattrs"' in text
+        or not (text.isascii() or (len(text) <= WHOLE_TOC_NON_ASCII and _is_utf8(text)))
+    ):
         return None
     try:
         return _TOC_DECODER.decode(text)
     except (msgspec.MsgspecError, RecursionError):
         return None
+
+
+def _is_utf8(data: bytes) -> bool:
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
 
 
 class _TocText:

@@ -111,6 +111,7 @@ def select(index: dict, want: Platform, what: str) -> dict:
 MAX_CONFIG_READ = 1 << 20  # an image config read for its command (real ones: a few KiB)
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"  # runc's, when unset
 MAX_PATH_DIRS = 32  # PATH directories a program is looked for in
+PATH_MAX = 4096  # a longer path cannot be executed (ENAMETOOLONG): it is not looked up
 
 
 @dataclass(frozen=True)
@@ -127,15 +128,17 @@ class Command:
         (relative to the working directory), else in each PATH directory."""
         name = self.argv[0]
         if "/" in name:
-            return [name if name.startswith("/") else f"{self.workdir.rstrip('/')}/{name}"]
-        return [f"{d.rstrip('/')}/{name}" for d in self.path if d.startswith("/")][:MAX_PATH_DIRS]
+            paths = [name if name.startswith("/") else f"{self.workdir.rstrip('/')}/{name}"]
+        else:
+            paths = [f"{d.rstrip('/')}/{name}" for d in self.path if d.startswith("/")][:MAX_PATH_DIRS]
+        return [p for p in paths if len(p.encode("utf-8", "surrogateescape")) < PATH_MAX]
 
 
 def command(config: bytes) -> Command | None:
     """The command an image config names, or None when it names none (or is not a valid config)."""
     try:
         doc = json.loads(config)
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
+    except (ValueError, RecursionError):  # not JSON, not UTF-8, an integer of over 4300 digits...
         return None
     settings = doc.get("config") if isinstance(doc, dict) else None
     if not isinstance(settings, dict):

@@ -86,6 +86,18 @@ async def test_paths_resolve_as_a_process_sees_them() -> None:
     assert resolve([base], "/app/bin/tool") is None  # not in the layers this process sees
 
 
+async def test_a_path_of_many_components_resolves_in_linear_time() -> None:
+    """resolve runs on the event loop: a hostile image config's 1 MiB program path (340,000 `../`)
+    took 9 s when each component was taken off the front of a list."""
+    import time
+
+    base, app = await handle_of(BASE, "base"), await handle_of(APP, "app")
+    started = time.monotonic()
+    got = resolve([app, base], "/" + "../" * 300_000 + "app/bin/tool")
+    assert got is not None and got[0] is app
+    assert time.monotonic() - started < 1.0
+
+
 @pytest.mark.parametrize("read", ["app/bin/tool", "app/notes.txt"])
 async def test_the_head_of_a_program_brings_its_loader_and_libraries(
     tmp_path: Path, nursery, read: str

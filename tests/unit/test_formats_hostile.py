@@ -111,6 +111,13 @@ def toc_of_tiny_entries() -> bytes:
     return estargz_with_toc_text(repeated(b'{"version":1,"entries":[', entry, 1_300_000, b"]}"))
 
 
+def toc_of_one_entry_with_many_xattrs() -> bytes:
+    """37 MiB of TOC JSON, one entry: small enough to be held whole, with 3 million xattrs that decoded
+    at once would take ~400 MiB."""
+    head = b'{"version":1,"entries":[{"name":"a","type":"dir","xattrs":{'
+    return estargz_with_toc_text(repeated(head, lambda i: b'"%d":""' % i, 3_000_000, b"}}]}"))
+
+
 def toc_with_one_huge_name() -> bytes:
     def pieces() -> Iterator[bytes]:
         yield b'{"version":1,"entries":[{"type":"reg","name":"'
@@ -165,6 +172,7 @@ SCENARIOS: dict[str, Callable[[], str]] = {
     "repeated-directories": lambda: _open(toc_of_repeated_directories()),
     "long-unique-names": lambda: _open(toc_of_long_unique_names()),
     "tiny-entries": lambda: _open(toc_of_tiny_entries()),
+    "many-xattrs": lambda: _open(toc_of_one_entry_with_many_xattrs()),
     "one-huge-name": lambda: _open(toc_with_one_huge_name()),
     "huge-member-before-entries": lambda: _open(toc_with_a_huge_member_before_entries()),
     "gzip-chunk-bomb": decode_gzip_bomb,
@@ -178,6 +186,7 @@ SCENARIOS: dict[str, Callable[[], str]] = {
         ("repeated-directories", "TOC has more than 1000000 entries"),
         ("long-unique-names", "the index of this TOC would take more than 128 MiB"),
         ("tiny-entries", "the index of this TOC would take more than 128 MiB"),
+        ("many-xattrs", "TOC entry 0 is longer than 262144 characters"),
         ("one-huge-name", "TOC entry 0 is longer than 262144 characters"),
         ("huge-member-before-entries", "TOC member 'padding' is longer than 262144 characters"),
         ("gzip-chunk-bomb", "fewer than innerOffset 1099511627776 + size 1"),

@@ -406,6 +406,41 @@ def test_fuzzed_streamed_tocs_read_as_json_loads_reads_them(
         assert streamed(text[:cut]) == "FormatError"
 
 
+CRAFTED_TOCS = [
+    # a second "entries" list spelled with an escape: msgspec would keep the last one
+    b'{"entries":[{"name":"a","type":"dir"}],"entr\\u0069es":[{"name":"b","type":"dir"}]}',
+    # bytes that are not UTF-8 in members msgspec skips without looking
+    b'{"entries":[{"name":"a","type":"dir","foo":"\xff\xfe"}]}',
+    b'{"x":"\xc0\x80","entries":[{"name":"a","type":"dir"}]}',
+    b'{"entries":[{"name":"a","type":"dir","f\xffoo":1}]}',
+    # valid: escapes, non-ASCII, xattrs, null fields, an unknown member
+    b'{"entries":[{"name":"caf\xc3\xa9 \\u0026 co","type":"dir","xattrs":{"user.a":"eA=="}}],"v":[1]}',
+    b'{"entries":[{"name":"a","type":"reg","size":0,"mode":null,"digest":null}]}',
+]
+
+
+@pytest.mark.parametrize("text", CRAFTED_TOCS)
+def test_a_toc_decoded_whole_reads_as_the_streamed_parser_reads_it(text: bytes) -> None:
+    """What the whole decode could read otherwise than the streamed parser goes the streamed way."""
+    from unittest import mock
+
+    from fuse.formats import Footer, read_toc
+    from fuse.formats import reader as reader_module
+
+    raw = zstandard.ZstdCompressor().compress(text)
+    footer = Footer(ESTARGZ_ZSTD, 48, 1000, len(raw), len(text))
+
+    def outcome(whole: int) -> object:
+        with mock.patch.object(reader_module, "WHOLE_TOC", whole):
+            try:
+                ix = read_toc(footer, raw, None, "crafted")[0]
+            except FormatError as e:
+                return f"FormatError: {e}"
+        return [(ix.path(i), ix.stat(i).mode, ix.xattr_names(i)) for i in range(1, ix.inode_count + 1)]
+
+    assert outcome(1 << 20) == outcome(0)
+
+
 async def test_toc_parses_run_one_at_a_time_in_the_process(monkeypatch: pytest.MonkeyPatch) -> None:
     """Each parse may take up to Limits.max_index_bytes: several layers opened at once (an image's
     first Prepare) queue for it instead of adding up."""

@@ -328,7 +328,17 @@ def test_the_command_an_image_config_names(body: bytes, argv: tuple, program: li
         config(Cmd=[1, 2]),
         config(Cmd=[""]),
         b"[" * 100_000,  # nested deeper than the parser goes
+        b'{"a":' + b"1" * 5001 + b"}",  # an integer json.loads refuses with a plain ValueError
+        b"\xff\xfe",
     ],
 )
 def test_configs_without_a_usable_command(body: bytes) -> None:
     assert manifests.command(body) is None
+
+
+def test_a_program_path_too_long_to_execute_is_not_looked_up() -> None:
+    long = "/" + "../" * 2000 + "bin/sh"  # execve would fail with ENAMETOOLONG
+    command = manifests.command(config(Entrypoint=[long]))
+    assert command is not None and command.program() == []
+    command = manifests.command(config(Cmd=["sh"], Env=["PATH=/" + "d" * 5000 + ":/bin"]))
+    assert command is not None and command.program() == ["/bin/sh"]
