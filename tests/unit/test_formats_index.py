@@ -140,6 +140,7 @@ BAD = [
     ("symlink-no-target", [{"name": "s", "type": "symlink"}], "linkName"),
     ("parent-is-file", [reg("a", 1), reg("a/b", 1, offset=200)], "not a directory"),
     ("bad-xattr", [reg("a", 1, xattrs={"user.x": "!!!"})], "base64"),
+    ("null-xattr", [reg("a", 1, xattrs={"user.x": None})], "xattrs: Expected `str`, got `null`"),
     ("root-not-dir", [{"name": "./", "type": "reg", "size": 0}], "root must be a directory"),
     ("dot-root-not-dir", [{"name": ".", "type": "symlink", "linkName": "x"}], "root must be a directory"),
     ("dot-dot-after-dot-slash", [reg("./../x", 1)], "'..'"),
