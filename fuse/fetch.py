@@ -15,8 +15,8 @@
   `merge_min` and `merge_cap` compressed bytes: with every neighbour read, about 55 KB at 100 Mbit/s
   with a 5 ms request, about 150 KB on a 1 GB/s link with 2 ms requests (more would cost more
   decoding than the round trips it saves), 1 MiB with 100 ms round trips. (Measured, MB before ready
-  without the allowance / with it / the peer's: python-scipy unshaped 52.0 / 46.8 / 47.0, python-numpy
-  at +20 ms 19.3 / 18.5 / 18.9, gcc at +20 ms 29.0 / 23.1 / 23.6.)
+  without the allowance / with it / the peer's: python-scipy unshaped 52.0 / 46.8 / 47.0; unshaped with
+  20 ms added, python-numpy 19.3 / 18.5 / 18.9 and gcc 29.0 / 23.1 / 23.6.)
   Every request also stays within `inflate_cap` decompressed bytes as the TOC declares them
   (innerOffset + size per chunk: what decoding it inflates), so a small read of a hostile layer
   cannot inflate gigabytes. Prefetch and background pieces keep to the same decompressed budget.
@@ -138,8 +138,8 @@ DECODE_RATE = (
     80e6  # compressed bytes/s the data path turns into served chunks (HTTP, ISA-L, sha256; measured)
 )
 MERGE_UNMEASURED = 128 << 10  # neighbours' budget before a host's link is measured
-UNREAD_ALLOWANCE = 64 << 10  # neighbour bytes one miss may be expected to leave unread (48 KiB made
-# python-scipy's unshaped start 7% slower, 96 KiB fetched 1.5 MB more than the peer)
+UNREAD_ALLOWANCE = 64 << 10  # neighbour bytes one miss may be expected to leave unread (python-scipy
+# unshaped, against the peer in the same run: 48 KiB 0.94x its time, 64 KiB 0.87x, 96 KiB 1.5 MB more bytes)
 BUSY_WINDOW = 10.0  # seconds after an on-demand read during which background pieces stay small
 BUSY_PIECE_SECONDS = 0.05  # ... what the link carries in this long (at least 256 KiB)
 

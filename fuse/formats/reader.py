@@ -374,9 +374,9 @@ def read_toc(
             entries[i] = None  # released once indexed: the entries shrink as the index grows
             builder.add(e)
     else:
-        if whole is not None:  # read again, streamed: the parser says what is wrong with it
+        if whole is not None:  # the streamed parser reads it (and says what is wrong with it, if anything)
+            text.again(whole)
             del whole
-            text = _TocText(_toc_pieces(footer, raw, what), footer, what)
         try:
             _TocParser(text, limits.max_entry_bytes, what).parse(builder.add)
             text.drain()  # nothing but whitespace is left; the digest needs every byte
@@ -482,6 +482,11 @@ class _TocText:
                 self._again = held
                 return None
         return b"".join(held)
+
+    def again(self, whole: bytes) -> None:
+        """Give `whole` (what `hold` returned) through `next` again, in pieces the parser frees as it goes
+        (no second inflate or hash)."""
+        self._again = deque(whole[i : i + TEXT_PIECE] for i in range(0, len(whole), TEXT_PIECE))
 
     @property
     def digest(self) -> str:

@@ -28,6 +28,7 @@ import pytest
 import trio
 
 from fuse.layers import layer_name
+from fuse.registry import manifests
 from snapshotter.convert.index import index_image
 from tests.harness import realtools as rt
 from tests.harness import trees
@@ -160,6 +161,18 @@ def test_sources_carry_what_real_tools_write(sources: dict[str, Pulled]) -> None
     for pulled in sources.values():
         assert rt.NEW_FILE in pulled.container.nodes
         assert not any(path in pulled.container.nodes for path in rt.DELETED)
+
+
+def test_the_program_of_a_config_umoci_wrote_is_found(sources: dict[str, Pulled]) -> None:
+    """Program ahead reads what umoci writes (`umoci config --config.cmd /bin/sh`), not only our configs."""
+
+    async def config() -> bytes:
+        async with anonymous_client() as client:
+            resolved = await client.resolve(sources["umoci"].ref)
+            return await client.get_blob(resolved.reference, resolved.config_descriptor["digest"])
+
+    command = manifests.command(trio.run(config))
+    assert command is not None and command.argv == ("/bin/sh",) and command.program() == ["/bin/sh"]
 
 
 def _raw_names(tar: bytes) -> list[str]:
