@@ -42,7 +42,7 @@ from fuse.formats import (
     NotLazy,
     RegistrySource,
     Unverified,
-    fetch_toc,
+    fetch_layer,
     layer_from_toc,
 )
 from fuse.formats.annotations import expected_toc_digest
@@ -355,16 +355,13 @@ class RemoteLayers:
                     )
                 return found
             fetching = trio.current_time()
-            footer, toc = await fetch_toc(source)
-            indexing = trio.current_time()
-            layer = await layer_from_toc(source, footer, toc, expected)
+            footer, toc, layer = await fetch_layer(source, expected)
             log.debug(
-                "TOC of %s: descriptor %.1f ms, fetched %d bytes in %.1f ms, indexed in %.1f ms",
+                "TOC of %s: descriptor %.1f ms, %d bytes fetched and indexed in %.1f ms",
                 what,
                 (fetching - began) * 1000,
                 len(toc),
-                (indexing - fetching) * 1000,
-                (trio.current_time() - indexing) * 1000,
+                (trio.current_time() - fetching) * 1000,
             )
         except NotLazy as e:
             raise Fallback("not-lazy", e.reason) from None

@@ -13,11 +13,11 @@ from .reader import (
     fetch_toc,
     layer_from_toc,
     merge_spans,
-    open_layer,
     read_toc,
 )
 from .source import BlobSource, BytesSource, FileSource, RegistrySource
 from .spec import ESTARGZ, ESTARGZ_ZSTD, ZSTD_CHUNKED
+from .tocstream import fetch_layer, open_layer
 
 __all__ = [
     "ESTARGZ",
@@ -40,6 +40,7 @@ __all__ = [
     "Unverified",
     "build_index",
     "decode_chunk",
+    "fetch_layer",
     "fetch_toc",
     "layer_from_toc",
     "merge_spans",

@@ -1,7 +1,8 @@
-"""Open a seekable layer over any random-access source and read its files, every byte verified.
+"""Read a seekable layer's TOC and its files over any random-access source, every byte verified.
 
-`open_layer` needs two reads at most: a suffix read (`TAIL_READ` bytes) that holds the footer and
-often the whole TOC, and one read for the TOC when it is larger. The TOC is trusted only when its
+Opening a layer (`fuse.formats.tocstream.open_layer`) needs two reads at most: a suffix read
+(`TAIL_READ` bytes) that holds the footer and often the whole TOC, and one read for the rest of the TOC
+when it is larger. The TOC is trusted only when its
 digest matches the expected one (eStargz: sha256 of the TOC JSON; zstd:chunked: sha256 of the
 compressed TOC; either is accepted for either format, both being digests of the same TOC); a caller
 may accept an unverifiable TOC only explicitly.
@@ -34,6 +35,7 @@ import trio
 import zstandard
 from isal import isal_zlib
 
+from ..registry.ranges import Tap
 from .errors import FormatError, Unverified
 from .footer import TAIL_NEEDED, Footer, parse_footer
 from .index import (
@@ -66,7 +68,7 @@ OUTPUT_PIECE = 4 << 20  # decompressed bytes asked for at once
 DECODE_LIMIT = trio.CapacityLimiter(2)  # decompression threads (the machine's cores)
 TOC_PARSES = trio.CapacityLimiter(1)  # TOC parses at once: each may take Limits.max_index_bytes
 INFLATE_ERRORS = (isal_zlib.error, zstandard.ZstdError)  # what a corrupt gzip or zstd stream raises
-_TOC_DECODER = msgspec.json.Decoder(TocDocument)
+TOC_DECODER = msgspec.json.Decoder(TocDocument)
 
 
 @dataclass(frozen=True)
@@ -272,23 +274,15 @@ def decode_chunk(c: Chunk, span: bytes, what: str, allow_unverified: bool = Fals
 # --- opening a layer --------------------------------------------------------------------------------
 
 
-async def open_layer(
-    source: BlobSource,
-    expected_toc_digest: str | None,
-    *,
-    allow_unverified: bool = False,
-    limits: Limits = DEFAULT_LIMITS,
-) -> Layer:
-    """Open a layer: footer, TOC (verified), index. Raises NotLazy for ordinary layers."""
-    tail, raw = await fetch_toc(source)
-    return await layer_from_toc(
-        source, tail, raw, expected_toc_digest, allow_unverified=allow_unverified, limits=limits
-    )
-
-
 async def fetch_toc(source: BlobSource) -> tuple[bytes, bytes]:
     """(footer bytes, stored TOC bytes) of a layer, in one or two reads. A caller may keep both to
     open the layer again later without the network (`layer_from_toc`)."""
+    footer_bytes, footer, held = await read_tail(source)
+    return footer_bytes, await read_rest(source, footer, held)
+
+
+async def read_tail(source: BlobSource) -> tuple[bytes, Footer, bytes]:
+    """The suffix read: (footer bytes, footer, the end of the stored TOC that it holds: often all)."""
     what = source.description
     tail_len = min(source.size, TAIL_READ)
     tail = await source.read(source.size - tail_len, tail_len)
@@ -298,13 +292,19 @@ async def fetch_toc(source: BlobSource) -> tuple[bytes, bytes]:
     footer = parse_footer(footer_bytes, source.size, what)
     _check_stored_toc_size(footer, what)
     tail_start = source.size - tail_len
-    if footer.toc_offset >= tail_start:
-        raw = tail[footer.toc_offset - tail_start : footer.toc_offset - tail_start + footer.toc_length]
-    else:
-        raw = await source.read(footer.toc_offset, footer.toc_length)
-    if len(raw) != footer.toc_length:
-        raise FormatError(f"{what}: short read of the TOC")
-    return footer_bytes, raw
+    first = max(footer.toc_offset, tail_start) - tail_start
+    held = tail[first : max(first, footer.toc_offset + footer.toc_length - tail_start)]
+    return footer_bytes, footer, held
+
+
+async def read_rest(source: BlobSource, footer: Footer, held: bytes, tap: Tap | None = None) -> bytes:
+    """The stored TOC whose end `read_tail` holds: its head read (given to `tap` as it arrives) and
+    joined to that end."""
+    missing = footer.toc_length - len(held)
+    head = await source.read(footer.toc_offset, missing, tap) if missing > 0 else b""
+    if len(head) != missing:
+        raise FormatError(f"{source.description}: short read of the TOC")
+    return head + held if head else held
 
 
 def _check_stored_toc_size(footer: Footer, what: str) -> None:
@@ -440,15 +440,20 @@ def decode_toc(text: bytes) -> TocDocument | None:
     unchecked). The streamed parser then reads it, and says what is wrong with it."""
     if (
         text.count(b'"entries"') != 1
-        or b"\\u" in text
-        or b'"xattrs"' in text
-        or not (text.isascii() or (len(text) <= WHOLE_TOC_NON_ASCII and _is_utf8(text)))
+        or not plain_json(text)
+        or (len(text) > WHOLE_TOC_NON_ASCII and not text.isascii())
     ):
         return None
     try:
-        return _TOC_DECODER.decode(text)
+        return TOC_DECODER.decode(text)
     except (msgspec.MsgspecError, RecursionError):
         return None
+
+
+def plain_json(text: bytes) -> bool:
+    """Whether msgspec reads the TOC JSON `text` as the streamed parser does, in memory its size bounds
+    (see `decode_toc`): no `\\u` escape, no xattrs, valid UTF-8."""
+    return b"\\u" not in text and b'"xattrs"' not in text and (text.isascii() or _is_utf8(text))
 
 
 def _is_utf8(data: bytes) -> bool:

@@ -14,14 +14,20 @@ from typing import Protocol
 
 import trio
 
-from ..registry.ranges import Early
+from ..registry.ranges import Early, Tap
+
+TAP_PIECE = 64 << 10  # an in-memory source hands its bytes to a tap in pieces of this size
 
 
 class BlobSource(Protocol):
     size: int
     description: str  # for error messages: image/layer or file name
 
-    async def read(self, offset: int, length: int) -> bytes: ...
+    async def read(self, offset: int, length: int, tap: Tap | None = None) -> bytes:
+        """Bytes [offset, offset + length). `tap`, where the source streams, is given each piece of them
+        (its offset in the span, the bytes) as it arrives; a retried request starts again from 0; a
+        source that does not stream never calls it."""
+        ...
 
     async def read_many(self, spans: list[tuple[int, int]], early: Early | None = None) -> list[bytes]:
         """The bytes of each span. `early`, where the source streams, is called with the head of the
@@ -39,9 +45,13 @@ class BytesSource:
         self.description = description
         self.reads: list[tuple[int, int]] = []  # what was asked, for tests that count round trips
 
-    async def read(self, offset: int, length: int) -> bytes:
+    async def read(self, offset: int, length: int, tap: Tap | None = None) -> bytes:
         self.reads.append((offset, length))
-        return self.data[offset : offset + length]
+        data = self.data[offset : offset + length]
+        if tap is not None:
+            for i in range(0, len(data), TAP_PIECE):
+                tap(i, data[i : i + TAP_PIECE])
+        return data
 
     async def read_many(self, spans: list[tuple[int, int]], early: Early | None = None) -> list[bytes]:
         self.reads.extend(spans)
@@ -58,7 +68,7 @@ class FileSource:
         self.size = path.stat().st_size
         self.description = str(path)
 
-    async def read(self, offset: int, length: int) -> bytes:
+    async def read(self, offset: int, length: int, tap: Tap | None = None) -> bytes:
         def pread() -> bytes:
             with open(self.path, "rb") as f:
                 return os.pread(f.fileno(), length, offset)
@@ -76,8 +86,8 @@ class RegistrySource:
         self.client, self.ref, self.digest, self.size = client, ref, digest, size
         self.description = f"layer {digest} of {ref.name}"
 
-    async def read(self, offset: int, length: int) -> bytes:
-        return await self.client.read_range(self.ref, self.digest, offset, length)
+    async def read(self, offset: int, length: int, tap: Tap | None = None) -> bytes:
+        return await self.client.read_range(self.ref, self.digest, offset, length, tap)
 
     async def read_many(self, spans: list[tuple[int, int]], early: Early | None = None) -> list[bytes]:
         return await self.client.read_ranges(self.ref, self.digest, spans, early)

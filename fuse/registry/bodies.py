@@ -13,7 +13,7 @@ from __future__ import annotations
 import httpx
 
 from .errors import ProtocolViolation, RangeNotSatisfiable
-from .ranges import Early
+from .ranges import Early, Tap
 
 
 def origin(resp: httpx.Response) -> str:
@@ -49,9 +49,12 @@ async def too_much(resp: httpx.Response, what: str, claim: str, limit: int) -> P
     )
 
 
-async def read_capped(resp: httpx.Response, cap: int, what: str, early: Early | None = None) -> bytes:
+async def read_capped(
+    resp: httpx.Response, cap: int, what: str, early: Early | None = None, tap: Tap | None = None
+) -> bytes:
     """The whole body, which must be at most `cap` bytes (checked on the claim, then while reading).
-    `early` (n, fn): fn(the body's first n bytes) as soon as they are in, before the rest."""
+    `early` (n, fn): fn(the body's first n bytes) as soon as they are in, before the rest; `tap` is given
+    each piece as it arrives."""
     claimed = claimed_length(resp)
     if claimed is not None and claimed > cap:
         raise await too_much(resp, what, f"claimed Content-Length {claimed}", cap)
@@ -60,6 +63,8 @@ async def read_capped(resp: httpx.Response, cap: int, what: str, early: Early | 
         buf += chunk
         if len(buf) > cap:
             raise await too_much(resp, what, f"sent over {len(buf)} bytes", cap)
+        if tap is not None:
+            tap(len(buf) - len(chunk), chunk)
         if early is not None and len(buf) >= early[0]:
             early[1](bytes(buf[: early[0]]))
             early = None

@@ -52,6 +52,7 @@ from .hosts import Endpoint, HostsConfig
 from .ranges import (
     Early,
     Span,
+    Tap,
     boundary_of,
     multipart_cap,
     parse_content_range,
@@ -227,18 +228,27 @@ class RegistryClient:
 
     # --- range reads -----------------------------------------------------------------------------
 
-    async def read_range(self, ref: Reference, digest: str, offset: int, length: int) -> bytes:
-        return (await self.read_ranges(ref, digest, [(offset, length)]))[0]
+    async def read_range(
+        self, ref: Reference, digest: str, offset: int, length: int, tap: Tap | None = None
+    ) -> bytes:
+        """The bytes of one span; `tap`: see `BlobSource.read`."""
+        return (await self.read_ranges(ref, digest, [(offset, length)], tap=tap))[0]
 
     async def read_ranges(
-        self, ref: Reference, digest: str, spans: list[Span], early: Early | None = None
+        self,
+        ref: Reference,
+        digest: str,
+        spans: list[Span],
+        early: Early | None = None,
+        tap: Tap | None = None,
     ) -> list[bytes]:
         """The bytes of each (offset, length) span of a blob, in one request where the host allows.
-        `early`: see `BlobSource.read_many` (called for a single span answered with one range)."""
-        return await self._operation(self._read_ranges(ref, digest, spans, early))
+        `early`: see `BlobSource.read_many`; `tap`: see `BlobSource.read` (both are called only for a
+        single span answered with one range)."""
+        return await self._operation(self._read_ranges(ref, digest, spans, early, tap))
 
     async def _read_ranges(
-        self, ref: Reference, digest: str, spans: list[Span], early: Early | None
+        self, ref: Reference, digest: str, spans: list[Span], early: Early | None, tap: Tap | None = None
     ) -> list[bytes]:
         if not spans:
             return []
@@ -254,16 +264,16 @@ class RegistryClient:
                 log.info("registry %s does not serve multi-range requests; using single ranges", ref.host)
                 self._single_range_only.add(ref.host)
 
-        async def one(span: Span, early: Early | None = None) -> bytes:
+        async def one(span: Span, early: Early | None = None, tap: Tap | None = None) -> bytes:
             headers = {"Range": range_header([span])}
             return (
                 await self._blob_request(
-                    ref, digest, headers, lambda r: self._take_ranges(r, [span], ref, digest, early)
+                    ref, digest, headers, lambda r: self._take_ranges(r, [span], ref, digest, early, tap)
                 )
             )[0]
 
         if len(spans) == 1:
-            return [await one(spans[0], early)]
+            return [await one(spans[0], early, tap)]
         results: list[bytes] = [b""] * len(spans)
 
         async def store(i: int, span: Span) -> None:
@@ -278,7 +288,13 @@ class RegistryClient:
         return results
 
     async def _take_ranges(
-        self, resp: httpx.Response, spans: list[Span], ref: Reference, digest: str, early: Early | None = None
+        self,
+        resp: httpx.Response,
+        spans: list[Span],
+        ref: Reference,
+        digest: str,
+        early: Early | None = None,
+        tap: Tap | None = None,
     ) -> list[bytes]:
         """The requested spans out of a response, reading no more than they add up to (plus multipart
         framing): what the server claims in its headers bounds nothing."""
@@ -316,7 +332,8 @@ class RegistryClient:
                 f"{what}: the response did not contain requested bytes {missing} "
                 f"({origin(resp)} answered Content-Range {value!r})"
             )
-        body = await read_capped(resp, claimed, what, early if len(spans) == 1 else None)
+        single = len(spans) == 1
+        body = await read_capped(resp, claimed, what, early if single else None, tap if single else None)
         if len(body) != claimed:
             raise ProtocolViolation(f"{what}: body of {len(body)} bytes for Content-Range {first}-{last}")
         return slice_spans(spans, [(first, body)])

@@ -14,6 +14,7 @@ _CONTENT_RANGE = re.compile(r"^bytes (\d+)-(\d+)/(\d+|\*)$")
 
 Span = tuple[int, int]  # (offset, length)
 Early = tuple[int, Callable[[bytes], None]]  # (n, fn): fn(the first n bytes of a body) once they are in
+Tap = Callable[[int, bytes], None]  # tap(offset in the body, piece) as each arrives (a retry: from 0)
 PART_OVERHEAD = 1024  # bytes a multipart/byteranges part may add to its data: delimiter and part headers
 
 

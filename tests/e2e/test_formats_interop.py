@@ -99,3 +99,40 @@ async def test_skopeo_zstd_chunked(registry: Registry, workdir: Path) -> None:
     # zstd variant also uses; newer ones the 64-byte "GNUlInUx" footer: both are read.
     layers = await check_layers(registry, dst, image, (ESTARGZ_ZSTD, ZSTD_CHUNKED), workdir)
     assert all(layer.toc.compressed_digest for layer in layers)
+
+
+async def test_ctr_remote_toc_beyond_the_suffix_read_is_indexed_while_it_downloads(
+    registry: Registry, containerd: Containerd, workdir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A layer of 6,000 files: ctr-remote's TOC (Go's indented JSON) is larger than the suffix read, so
+    its head comes in a second range request from the registry and is indexed as it arrives; the index
+    is the one the whole TOC gives, and the layer reads as the source."""
+    import logging
+
+    from fuse.formats import fetch_layer, read_toc
+
+    files = [im.Dir(f"lib/pkg{d}") for d in range(60)]
+    files += [im.File(f"lib/pkg{i // 100}/mod_{i}.py", b"# module %d\n" % i) for i in range(6000)]
+    image = im.Image([im.Layer(files)])
+    await im.push_image_async(registry.url, "interop/many", "v1", image)
+    ref = f"{registry.host}/interop/many:v1"
+    containerd.ctr("image", "pull", "--plain-http", ref)
+    dst = ctr_remote_convert(containerd, ref, f"{registry.host}/interop/many:esgz", "--estargz")
+    client = anonymous_client()
+    async with client:
+        resolved = await client.resolve(dst)
+        [desc] = resolved.layers
+        source = RegistrySource(client, resolved.reference, desc["digest"], desc["size"])
+        expected = expected_toc_digest(desc.get("annotations"))
+        with caplog.at_level(logging.DEBUG, logger="lazysnap.formats"):
+            footer_bytes, raw, layer = await fetch_layer(source, expected)
+        assert "TOC indexed while it downloaded" in caplog.text
+        assert len(raw) > 256 << 10
+        whole, info = read_toc(layer.footer, raw, expected, "whole")
+        assert info == layer.toc
+        assert [whole.stat(i) for i in range(1, whole.inode_count + 1)] == [
+            layer.index.stat(i) for i in range(1, layer.index.inode_count + 1)
+        ]
+        trees.assert_same(
+            image.layers[0].overlay_tree(), await tree_of(layer), ignore_mtime_of=("dir", "char")
+        )
