@@ -47,6 +47,7 @@ from fuse.formats import (
 )
 from fuse.formats.annotations import expected_toc_digest
 from fuse.formats.index import DIR, ROOT, LayerIndex
+from fuse.formats.reader import TAIL_READ
 from fuse.formats.zranlayer import ZranLayer
 from fuse.fs import LazyFS
 from fuse.registry import Reference, RegistryClient, RegistryError
@@ -317,12 +318,13 @@ class RemoteLayers:
                 continue
             ahead = self._ahead[name] = _Ahead(trio.Event())
             other = dataclasses.replace(req, digest=digest, toc_digest=None, image_layers=())
-            self._nursery.start_soon(self._read_ahead, other, name, ahead)
+            accelerated = req.toc_digest is not None  # its layers most likely are too
+            self._nursery.start_soon(self._read_ahead, other, name, ahead, accelerated)
 
-    async def _read_ahead(self, req: LayerRequest, name: str, ahead: _Ahead) -> None:
+    async def _read_ahead(self, req: LayerRequest, name: str, ahead: _Ahead, accelerated: bool) -> None:
         with trio.move_on_after(self.open_timeout):
             try:
-                ahead.result = await self._read_toc(req)
+                ahead.result = await self._read_toc(req, accelerated)
                 ahead.toc_digest = ahead.result.expected
             except Exception as e:  # its own Prepare reads it again and reports why
                 log.debug("reading %s ahead failed: %s", name, e)
@@ -338,11 +340,19 @@ class RemoteLayers:
             await ahead.done.wait()
             if ahead.result is not None and req.toc_digest in (None, ahead.toc_digest):
                 return ahead.result
-        return await self._read_toc(req)
+        return await self._read_toc(req, req.toc_digest is not None)
 
-    async def _read_toc(self, req: LayerRequest) -> _Toc:
+    async def _read_toc(self, req: LayerRequest, accelerated: bool) -> _Toc:
+        """The layer's verified TOC. `accelerated`: the labels say the image is, so the layer's suffix
+        read (footer and TOC) is made while its descriptor is looked up (the manifest, a round trip)."""
         what = f"{req.ref} layer {req.digest}"
         began = trio.current_time()
+        tail: list[tuple[bytes, int]] = []
+        tail_done = trio.Event()
+        if accelerated and self._nursery is not None:
+            self._nursery.start_soon(self._suffix, req, tail, tail_done)
+        else:
+            tail_done.set()
         try:
             desc = await self._descriptor(req)
             expected = req.toc_digest or expected_toc_digest(desc.get("annotations"))
@@ -355,7 +365,9 @@ class RemoteLayers:
                     )
                 return found
             fetching = trio.current_time()
-            footer, toc, layer = await fetch_layer(source, expected)
+            await tail_done.wait()
+            early = tail[0][0] if tail and tail[0][1] == desc["size"] else None
+            footer, toc, layer = await fetch_layer(source, expected, tail=early)
             log.debug(
                 "TOC of %s: descriptor %.1f ms, %d bytes fetched and indexed in %.1f ms",
                 what,
@@ -372,6 +384,17 @@ class RemoteLayers:
         except RegistryError as e:
             raise Fallback("registry", f"{what}: {e}") from None
         return _Toc(desc, expected, footer, toc, layer)
+
+    async def _suffix(self, req: LayerRequest, out: list[tuple[bytes, int]], done: trio.Event) -> None:
+        """The layer's last TAIL_READ bytes and its size into `out`, then `done`; nothing when they
+        cannot be had (the usual read after the descriptor then says why)."""
+        try:
+            with trio.move_on_after(self.open_timeout):
+                out.append(await self.client.read_suffix(req.ref, req.digest, TAIL_READ))
+        except RegistryError as e:
+            log.debug("no suffix read of %s layer %s ahead of its descriptor: %s", req.ref, req.digest, e)
+        finally:
+            done.set()
 
     async def _open(self, req: LayerRequest, name: str, lower: list[str]) -> _Entry:
         got = await self._toc(req, name)

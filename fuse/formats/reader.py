@@ -281,11 +281,13 @@ async def fetch_toc(source: BlobSource) -> tuple[bytes, bytes]:
     return footer_bytes, await read_rest(source, footer, held)
 
 
-async def read_tail(source: BlobSource) -> tuple[bytes, Footer, bytes]:
-    """The suffix read: (footer bytes, footer, the end of the stored TOC that it holds: often all)."""
+async def read_tail(source: BlobSource, tail: bytes | None = None) -> tuple[bytes, Footer, bytes]:
+    """The suffix read (`tail`, when the caller made it already: the blob's last `TAIL_READ` bytes):
+    (footer bytes, footer, the end of the stored TOC that it holds: often all)."""
     what = source.description
     tail_len = min(source.size, TAIL_READ)
-    tail = await source.read(source.size - tail_len, tail_len)
+    if tail is None or len(tail) != tail_len:
+        tail = await source.read(source.size - tail_len, tail_len)
     if len(tail) != tail_len:
         raise FormatError(f"{what}: short read of the blob's last {tail_len} bytes")
     footer_bytes = tail[-TAIL_NEEDED:] if tail_len >= TAIL_NEEDED else tail

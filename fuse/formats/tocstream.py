@@ -75,13 +75,15 @@ async def fetch_layer(
     *,
     allow_unverified: bool = False,
     limits: Limits = DEFAULT_LIMITS,
+    tail: bytes | None = None,
 ) -> tuple[bytes, bytes, Layer]:
     """(footer bytes, stored TOC, the opened layer): `fetch_toc` then `layer_from_toc`, but an eStargz TOC
-    beyond the suffix read is indexed while its head downloads, where a `TOC_STREAMS` slot is free."""
+    beyond the suffix read is indexed while its head downloads, where a `TOC_STREAMS` slot is free.
+    `tail`: the suffix read, when the caller made it already (`reader.read_tail`)."""
     what = source.description
+    footer_bytes, footer, held = await read_tail(source, tail)  # an ordinary layer: NotLazy
     if expected_toc_digest is None and not allow_unverified:
         raise Unverified(f"{what}: no expected TOC digest given; refusing an unverifiable TOC")
-    footer_bytes, footer, held = await read_tail(source)
     layer = None
     if len(held) == footer.toc_length or footer.format != ESTARGZ:
         raw = await read_rest(source, footer, held)

@@ -234,6 +234,30 @@ class RegistryClient:
         """The bytes of one span; `tap`: see `BlobSource.read`."""
         return (await self.read_ranges(ref, digest, [(offset, length)], tap=tap))[0]
 
+    async def read_suffix(self, ref: Reference, digest: str, n: int) -> tuple[bytes, int]:
+        """(the last n bytes of a blob, all of it when smaller; the blob's size), in one request that
+        needs no size (`Range: bytes=-n`): a layer's footer before its manifest has said its size."""
+        what = f"blob {digest} of {ref.name}"
+
+        async def handle(resp: httpx.Response) -> tuple[bytes, int]:
+            if resp.status_code == 200:  # the Range ignored: the whole blob, if no larger than asked
+                body = await read_capped(resp, n, f"{what} (sent whole to a suffix range)")
+                return body, len(body)
+            self._expect(resp, (206,), what)
+            value = resp.headers.get("content-range")
+            first, last, total = parse_content_range(value)
+            if total is None or last != total - 1 or last - first + 1 != min(n, total):
+                await abandon(resp)
+                raise ProtocolViolation(
+                    f"{what}: {origin(resp)} answered Content-Range {value!r} to bytes=-{n}"
+                )
+            body = await read_capped(resp, last - first + 1, what)
+            if len(body) != last - first + 1:
+                raise ProtocolViolation(f"{what}: body of {len(body)} bytes for Content-Range {value!r}")
+            return body, total
+
+        return await self._operation(self._blob_request(ref, digest, {"Range": f"bytes=-{n}"}, handle))
+
     async def read_ranges(
         self,
         ref: Reference,

@@ -280,3 +280,27 @@ async def test_the_head_of_a_range_is_handed_over_before_the_rest(bad_registry, 
     assert got == [DATA[1000:201_000]]
     assert heads and all(head == DATA[1000:5096] for _, head in heads)
     assert heads[0][0] < 0.5 <= 1.0 <= took
+
+
+async def test_suffix_reads_need_no_size_and_check_what_comes_back(bad_registry, workdir: Path) -> None:
+    """`read_suffix` (a layer's footer before its manifest says the size): the last n bytes and the size;
+    a whole small blob where the server ignores the Range; an error where it sends more or other bytes."""
+    reg = bad_registry()
+    digest, small = reg.add_blob(DATA), reg.add_blob(DATA[:1000])
+    ref = Reference.parse(f"{reg.host}/{reg.repo}:x")
+    async with client(workdir) as c:
+        assert await c.read_suffix(ref, digest, 4096) == (DATA[-4096:], len(DATA))
+        assert await c.read_suffix(ref, small, 4096) == (DATA[:1000], 1000)
+    assert [r[2] for r in blob_gets(reg)] == ["bytes=-4096", "bytes=-4096"]
+    ignoring = bad_registry(ignore_range=True)
+    digest, small = ignoring.add_blob(DATA), ignoring.add_blob(DATA[:1000])
+    ref = Reference.parse(f"{ignoring.host}/{ignoring.repo}:x")
+    async with client(workdir) as c:
+        assert await c.read_suffix(ref, small, 4096) == (DATA[:1000], 1000)
+        with pytest.raises(ProtocolViolation, match="more than the 4096 bytes asked for"):
+            await c.read_suffix(ref, digest, 4096)
+    shifted = bad_registry(wrong_content_range=True)
+    digest = shifted.add_blob(DATA)
+    async with client(workdir) as c:
+        with pytest.raises(ProtocolViolation, match="Content-Range .bytes 1044481-1048576"):
+            await c.read_suffix(Reference.parse(f"{shifted.host}/{shifted.repo}:x"), digest, 4096)
