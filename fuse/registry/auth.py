@@ -117,7 +117,6 @@ class Authorizer:
         if not usable:
             raise Unauthorized(f"{where} answered 401 without a Basic or Bearer challenge")
         challenge = next((c for c in usable if c.scheme == "bearer"), usable[0])
-        previous = self._challenges.get(endpoint.host)
         self._challenges[endpoint.host] = challenge
         key = (endpoint.host, " ".join(scopes))
         if challenge.scheme == "basic":
@@ -128,7 +127,9 @@ class Authorizer:
                     "(docker config.json, credential helper, lazysnap config, or a kubelet pull of the "
                     "image through lazysnap's CRI proxy)"
                 )
-            if previous is not None and previous.scheme == "basic":
+            # refused only when this request carried them: another one sent at the same time without them
+            # (before either had seen the challenge) is simply sent again with them
+            if response.request.headers.get("authorization", "").lower().startswith("basic "):
                 raise Unauthorized(f"{where} refused the configured credentials for user {creds.username!r}")
             return
         self._tokens.pop(key, None)

@@ -134,8 +134,10 @@ def test_private_image_pulls_lazily_with_the_pull_credentials(
     content = containerd.ctr("content", "ls", "-q", namespace="k8s.io").stdout.split()
     for layer in layers:
         assert layer["digest"] not in content
+        # 401: a layer's suffix read goes out with the manifest's request, before either has learnt that
+        # the registry asks for credentials; each is answered with the challenge once, then with data
         statuses = {g.status for g in registry.blob_gets(layer["digest"])}
-        assert statuses <= {206}, f"layer {layer['digest']} was fetched whole: {statuses}"
+        assert 206 in statuses and statuses <= {206, 401}, f"layer {layer['digest']}: {statuses}"
     assert len(list((snapshotter.root / "mnt").iterdir())) == len(layers)
     log = snapshotter.log()
     assert "lazy layer claimed" in log and "pull credentials kept" in log

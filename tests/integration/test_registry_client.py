@@ -175,6 +175,19 @@ async def test_basic_auth_from_docker_config(
         with pytest.raises(Unauthorized, match="none are configured"):
             await client.read_range(ref, digest, 0, 6)
 
+    # requests sent at once by a new client, before any has seen the challenge (a layer's suffix read
+    # and the image manifest): each is answered 401, then sent again with the credentials
+    async with client_for(workdir / "d", auths={reg.host: _auth_entry("alice", "wonderland")}) as client:
+        got: list[bytes] = []
+
+        async def read(offset: int) -> None:
+            got.append(await client.read_range(ref, digest, offset, 1))
+
+        async with trio.open_nursery() as nursery:
+            for offset in range(4):
+                nursery.start_soon(read, offset)
+        assert sorted(got) == sorted(b"secret layer"[i : i + 1] for i in range(4))
+
 
 async def test_token_auth_caches_tokens(
     registry_factory: Callable[..., Registry], issuer_factory: Callable[..., TokenIssuer], workdir: Path

@@ -121,7 +121,9 @@ async def test_lookup_takes_the_repositorys_pull_credentials_before_docker_confi
 
 
 def _challenge(value: str) -> httpx.Response:
-    return httpx.Response(401, headers={"www-authenticate": value})
+    """A registry's 401 to a request sent without credentials."""
+    request = httpx.Request("GET", f"https://{HOST}/v2/team/app/manifests/v1")
+    return httpx.Response(401, headers={"www-authenticate": value}, request=request)
 
 
 async def test_basic_auth_sends_each_repositorys_own_credentials(tmp_path: Path) -> None:
