@@ -8,12 +8,15 @@ by msgspec (`TocEntry`, as `read_toc` decodes a whole TOC) into the index builde
 used before `finish` has checked every byte against the expected digest.
 
 It reads exactly what `read_toc` would, or gives up: on anything `read_toc`'s whole decode would not
-take (a `\\u` escape, xattrs, a second "entries", bytes that are not UTF-8), a TOC JSON that is not cut
-after a whole entry (a name holding `},`, an entry longer than `Limits.max_entry_bytes`), a tar header
-other than one plain entry for the TOC, a retried download, an index beyond `STREAM_INDEX_BYTES`, or any
-error. Then the TOC is read the usual way once it is in (`layer_from_toc`), which says what is wrong
-with it. Memory: at most `TOC_STREAMS` streams at once, each holding its index (at most
-`STREAM_INDEX_BYTES`) and one piece of text; the others read the usual way.
+take (a `\\u` escape, xattrs, a second "entries", bytes that are not UTF-8, a TOC beyond `WHOLE_TOC`,
+`WHOLE_TOC_OBJECTS` or, beyond ASCII, `WHOLE_TOC_NON_ASCII`, which `read_toc` parses with the json module
+and its own limits), a TOC JSON that is not cut after a whole entry (a name holding `},`, an entry longer
+than `Limits.max_entry_bytes`), a tar header other than one plain entry for the TOC, a gzip member that
+does not end whole after it (`read_toc` may read into a broken end: the stream reads it all), a retried
+download, an index beyond `STREAM_INDEX_BYTES`, or any error. Then the TOC is read the usual way once it
+is in (`layer_from_toc`), which says what is wrong with it. Memory: at most `TOC_STREAMS` streams at
+once, each holding its index (at most `STREAM_INDEX_BYTES`) and one piece of text; the others read the
+usual way.
 """
 
 from __future__ import annotations
@@ -33,9 +36,11 @@ from .errors import FormatError, Unverified
 from .footer import Footer
 from .index import DEFAULT_LIMITS, GZIP, IndexBuilder, LayerIndex, Limits, TocEntry
 from .reader import (
-    MAX_TOC_SIZE,
     OUTPUT_PIECE,
     TOC_DECODER,
+    WHOLE_TOC,
+    WHOLE_TOC_NON_ASCII,
+    WHOLE_TOC_OBJECTS,
     Layer,
     TocInfo,
     layer_from_toc,
@@ -51,6 +56,7 @@ log = logging.getLogger("lazysnap.formats")
 TOC_STREAMS = trio.CapacityLimiter(2)  # TOCs indexed while they download, at once (others: the usual way)
 STREAM_INDEX_BYTES = 48 << 20  # the index a stream may build (a larger one is read the usual way)
 HEADER_TEXT = 64 << 10  # TOC JSON before "entries": [ (a real TOC has a dozen bytes there)
+TAR_TRAILER = 1 << 20  # tar bytes after the TOC JSON: padding and end blocks (a writer puts 1-10 KiB)
 _ENTRIES_OPEN = re.compile(rb'"entries"[ \t\n\r]*:[ \t\n\r]*\[')
 _ENTRIES_DECODER = msgspec.json.Decoder(list[TocEntry])
 
@@ -135,10 +141,18 @@ async def _read_streamed(source: BlobSource, footer: Footer, held: bytes, stream
                     break
             await trio.to_thread.run_sync(stream.feed, b"".join(pieces))
 
+    failed: Exception | None = None
     async with trio.open_nursery() as nursery:
         nursery.start_soon(feed)
         with send:
-            return await read_rest(source, footer, held, tap)
+            try:
+                raw = await read_rest(source, footer, held, tap)
+            except Exception as e:  # raised as read_rest raises it (the nursery would wrap it in a group)
+                failed = e
+                nursery.cancel_scope.cancel()
+    if failed is not None:
+        raise failed
+    return raw
 
 
 class TocStream:
@@ -158,8 +172,13 @@ class TocStream:
         self._inflate = isal_zlib.decompressobj(wbits=31)
         self._tar = b""  # the tar header, until it is whole
         self._json_left: int | None = None  # TOC JSON bytes still to come (None: header not read)
+        self._trailer = 0  # tar bytes after the TOC JSON
+        self._objects = 0  # "{" in the TOC JSON (as `_TocText.hold` counts them)
+        self._ascii = True  # the TOC JSON so far is ASCII
         self._header: bytes | None = None  # the JSON up to and including `"entries": [`
-        self._text = b""  # JSON text not yet decoded (after the header or a cut: it begins at an entry)
+        self._text = b""  # the JSON text before the header is found
+        self._parts: list[bytes] = []  # JSON text not yet decoded (it begins at an entry); no `},` in it
+        self._held = 0  # bytes in _parts
         self._first = True  # no entries cut yet
 
     def give_up(self, why: str) -> None:
@@ -173,7 +192,7 @@ class TocStream:
         try:
             self.fed += len(data)
             self._stored_hash.update(data)
-            while self._json_left != 0 and not self._inflate.eof:
+            while not self._inflate.eof:  # to the member's end: read_toc may read into a broken one
                 out = self._inflate.decompress(data, OUTPUT_PIECE)
                 data = self._inflate.unconsumed_tail
                 if out:
@@ -188,7 +207,7 @@ class TocStream:
         gave (fed now). The index and TocInfo when every byte was read and `raw` matches `expected` (any
         other outcome, None, is for the usual way to read and report: what was built is let go first)."""
         got = self._finish(raw, held, expected)
-        self.builder, self._text, self._header = None, b"", None  # type: ignore[assignment]
+        self.builder, self._text, self._parts, self._header = None, b"", [], None  # type: ignore[assignment]
         return got
 
     def _finish(self, raw: bytes, held: bytes, expected: str | None) -> tuple[LayerIndex, TocInfo] | None:
@@ -205,11 +224,13 @@ class TocStream:
             self.give_up("the bytes fed are not the TOC's")
         elif self._json_left != 0:
             self.give_up("the TOC JSON did not end in the stored TOC")
+        elif not self._inflate.eof:
+            self.give_up("the TOC's gzip member does not end in the stored TOC")
         elif expected not in (None, json_digest, compressed_digest):
             self.give_up(f"TOC digest {json_digest} is not the expected {expected}")
         elif self.footer.toc_uncompressed and self.size != self.footer.toc_uncompressed:
             self.give_up(f"TOC of {self.size} bytes, the footer says {self.footer.toc_uncompressed}")
-        rest = self._text  # after the last cut: entries that follow a ',' (one at least), then the end
+        rest = b"".join(self._parts)  # after the last cut: entries that follow a ',' (one at least), the end
         if self.gave_up is None and (
             self._header is None or (not self._first and rest.lstrip(b" \t\n\r")[:1] != b"{")
         ):
@@ -238,40 +259,62 @@ class TocStream:
             member = tarfile.TarInfo.frombuf(self._tar[:TAR_BLOCK], "utf-8", "surrogateescape")
             if member.name != TOC_NAME or member.type not in (tarfile.REGTYPE, tarfile.AREGTYPE):
                 return self.give_up(f"the TOC tar begins with {member.name!r} (type {member.type!r})")
-            if member.size > MAX_TOC_SIZE:
+            if not 0 <= member.size <= WHOLE_TOC:  # read_toc parses a larger one with the json module
                 return self.give_up(f"TOC of {member.size} bytes")
             self._json_left = member.size
             out, self._tar = self._tar[TAR_BLOCK:], b""
         piece = out[: self._json_left]
+        self._trailer += len(out) - len(piece)
+        if self._trailer > TAR_TRAILER:
+            return self.give_up(f"more than {TAR_TRAILER} tar bytes after the TOC JSON")
+        if not piece:
+            return
         self._json_left -= len(piece)
         self.size += len(piece)
         self._text_hash.update(piece)
-        self._text = self._text + piece if self._text else piece
-        self._decode()
-
-    def _decode(self) -> None:
-        """Decode the entries the text holds whole, up to its last `},`."""
-        text = self._text
+        self._objects += piece.count(b"{")
+        self._ascii = self._ascii and piece.isascii()
+        if self._objects > WHOLE_TOC_OBJECTS or (not self._ascii and self.size > WHOLE_TOC_NON_ASCII):
+            return self.give_up("a TOC that read_toc parses with the json module (not decoded at once)")
         if self._header is None:
-            at = text.find(b'"entries"')
-            found = _ENTRIES_OPEN.match(text, at) if at >= 0 else None
-            if found is None:
-                if len(text) > HEADER_TEXT:
-                    self.give_up("no entries list at the start of the TOC")
-                return
-            self._header, text = text[: found.end()], text[found.end() :]
-            if not plain_json(self._header):
-                return self.give_up("the TOC's header is not plain JSON")
-        cut = text.rfind(b"},")
+            self._find_header(piece)
+        else:
+            self._decode(piece)
+
+    def _find_header(self, piece: bytes) -> None:
+        """Find `"entries": [` in the text before it; decode what follows."""
+        text = self._text = self._text + piece if self._text else piece
+        at = text.find(b'"entries"')
+        found = _ENTRIES_OPEN.match(text, at) if at >= 0 else None
+        if found is None:
+            if len(text) > HEADER_TEXT:
+                self.give_up("no entries list at the start of the TOC")
+            return
+        self._header, self._text = text[: found.end()], b""
+        if not plain_json(self._header):
+            return self.give_up("the TOC's header is not plain JSON")
+        if found.end() < len(text):
+            self._decode(text[found.end() :])
+
+    def _decode(self, piece: bytes) -> None:
+        """Decode the entries the text holds whole, up to its last `},` (looked for in `piece` and the
+        byte before it only: the text held has none)."""
+        edge = self._parts[-1][-1:] if self._parts else b""
+        cut = (edge + piece).rfind(b"},")
         if cut < 0:
-            self._text = text
-            if len(text) > self.max_entry + OUTPUT_PIECE:
+            self._parts.append(piece)
+            self._held += len(piece)
+            if self._held > self.max_entry + OUTPUT_PIECE:
                 self.give_up("no entry ends in the text")
             return
-        run, self._text = text[: cut + 1], text[cut + 2 :]  # the text after a cut begins at an entry
+        cut -= len(edge)  # in piece (-1: the `}` ends the text held)
+        run = b"".join([*self._parts, piece[: cut + 1]])
+        rest = piece[cut + 2 :]  # the text after a cut begins at an entry
+        self._parts, self._held = ([rest] if rest else []), len(rest)
         if not plain_json(run) or b'"entries"' in run:
             return self.give_up("entries that are not plain JSON")
         entries = _ENTRIES_DECODER.decode(b"[" + run + b"]")
+        del run
         self._first = False
         for i, entry in enumerate(entries):
             entries[i] = None
