@@ -364,7 +364,7 @@ def read_toc(
     compressed_digest = "sha256:" + hashlib.sha256(raw).hexdigest()
     text = _TocText(_toc_pieces(footer, raw, what), footer, what)
     builder = IndexBuilder(what, footer.toc_offset, GZIP if footer.format == ESTARGZ else ZSTD, limits)
-    whole = text.hold(WHOLE_TOC, WHOLE_TOC_OBJECTS)
+    whole = text.hold()
     doc = None
     if whole is not None and expected in (None, text.digest, compressed_digest):
         doc = decode_toc(whole)
@@ -443,13 +443,19 @@ def decode_toc(text: bytes) -> TocDocument | None:
     if (
         text.count(b'"entries"') != 1
         or not plain_json(text)
-        or (len(text) > WHOLE_TOC_NON_ASCII and not text.isascii())
+        or not decoded_whole(len(text), 0, text.isascii())  # (its objects were counted by `hold`)
     ):
         return None
     try:
         return TOC_DECODER.decode(text)
     except (msgspec.MsgspecError, RecursionError):
         return None
+
+
+def decoded_whole(size: int, objects: int, ascii: bool) -> bool:
+    """Whether a TOC JSON of `size` bytes with `objects` objects ("{"), ASCII or not, is held whole and
+    decoded at once by msgspec (else `_TocParser` parses it, with limits of its own)."""
+    return size <= WHOLE_TOC and objects <= WHOLE_TOC_OBJECTS and (ascii or size <= WHOLE_TOC_NON_ASCII)
 
 
 def plain_json(text: bytes) -> bool:
@@ -477,15 +483,16 @@ class _TocText:
         self.size = 0
         self.failed = False
 
-    def hold(self, limit: int, max_objects: int) -> bytes | None:
-        """The whole text when it is at most `limit` bytes and `max_objects` objects ("{"), else None;
-        then `next` gives what was read again (each piece once: the parser frees them as it goes)."""
+    def hold(self) -> bytes | None:
+        """The whole text when its size and objects ("{") let it be decoded at once (`decoded_whole`),
+        else None; then `next` gives what was read again (each piece once: the parser frees them as it
+        goes)."""
         held: deque[bytes] = deque()
         objects = 0
         while (piece := self.next()) is not None:
             held.append(piece)
             objects += piece.count(b"{")
-            if self.size > limit or objects > max_objects:
+            if not decoded_whole(self.size, objects, True):
                 self._again = held
                 return None
         return b"".join(held)

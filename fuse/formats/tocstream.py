@@ -8,10 +8,10 @@ by msgspec (`TocEntry`, as `read_toc` decodes a whole TOC) into the index builde
 used before `finish` has checked every byte against the expected digest.
 
 It reads exactly what `read_toc` would, or gives up: on anything `read_toc`'s whole decode would not
-take (a `\\u` escape, xattrs, a second "entries", bytes that are not UTF-8, a TOC beyond `WHOLE_TOC`,
-`WHOLE_TOC_OBJECTS` or, beyond ASCII, `WHOLE_TOC_NON_ASCII`, which `read_toc` parses with the json module
-and its own limits), a TOC JSON that is not cut after a whole entry (a name holding `},`, an entry longer
-than `Limits.max_entry_bytes`), a tar header other than one plain entry for the TOC, a gzip member that
+take (a `\\u` escape, xattrs, a second "entries", bytes that are not UTF-8, a TOC too large for it:
+`reader.decoded_whole`, read_toc parses that one with the json module and limits of its own), a TOC
+JSON that is not cut after a whole entry (a name holding `},`, an entry longer than
+`Limits.max_entry_bytes`), a tar header other than one plain entry for the TOC, a gzip member that
 does not end whole after it (`read_toc` may read into a broken end: the stream reads it all), a retried
 download, an index beyond `STREAM_INDEX_BYTES`, or any error. Then the TOC is read the usual way once it
 is in (`layer_from_toc`), which says what is wrong with it. Memory: at most `TOC_STREAMS` streams at
@@ -38,11 +38,9 @@ from .index import DEFAULT_LIMITS, GZIP, IndexBuilder, LayerIndex, Limits, TocEn
 from .reader import (
     OUTPUT_PIECE,
     TOC_DECODER,
-    WHOLE_TOC,
-    WHOLE_TOC_NON_ASCII,
-    WHOLE_TOC_OBJECTS,
     Layer,
     TocInfo,
+    decoded_whole,
     layer_from_toc,
     plain_json,
     read_rest,
@@ -259,7 +257,7 @@ class TocStream:
             member = tarfile.TarInfo.frombuf(self._tar[:TAR_BLOCK], "utf-8", "surrogateescape")
             if member.name != TOC_NAME or member.type not in (tarfile.REGTYPE, tarfile.AREGTYPE):
                 return self.give_up(f"the TOC tar begins with {member.name!r} (type {member.type!r})")
-            if not 0 <= member.size <= WHOLE_TOC:  # read_toc parses a larger one with the json module
+            if not decoded_whole(member.size, 0, True):  # read_toc parses it with the json module
                 return self.give_up(f"TOC of {member.size} bytes")
             self._json_left = member.size
             out, self._tar = self._tar[TAR_BLOCK:], b""
@@ -274,7 +272,7 @@ class TocStream:
         self._text_hash.update(piece)
         self._objects += piece.count(b"{")
         self._ascii = self._ascii and piece.isascii()
-        if self._objects > WHOLE_TOC_OBJECTS or (not self._ascii and self.size > WHOLE_TOC_NON_ASCII):
+        if not decoded_whole(self.size, self._objects, self._ascii):
             return self.give_up("a TOC that read_toc parses with the json module (not decoded at once)")
         if self._header is None:
             self._find_header(piece)
