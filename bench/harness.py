@@ -89,6 +89,7 @@ from bench.network import DEFAULT_RATE, NetworkError, ShapedRegistry, Traffic, p
 from fuse.registry import NotFound, Reference
 from snapshotter.convert.converter import convert_image
 from snapshotter.convert.index import index_image
+from snapshotter.convert.writer import DEFAULT_CHUNK_SIZE
 from tests.harness.containerd import Containerd
 from tests.harness.procs import Service, kill_pids, pids_with_cmdline, unmount_all
 
@@ -770,6 +771,9 @@ async def _index(host: str, image: str) -> None:
         await index_image(client, f"{host}/{image}", min_layer_size=0, span_out=INDEX_SPAN)
 
 
+CHUNKS = f"c{DEFAULT_CHUNK_SIZE >> 10}k"  # in the tags of converted images: another chunk size, another image
+
+
 def convert_cached(
     host: str, repo: str, src_tag: str, dst_tag: str, prioritize: list[str] | None, tmp: Path, log: Log
 ) -> list[tuple[str, int]]:
@@ -870,7 +874,7 @@ def prepare(
     log(f"  pushed {prep.repo}:{built.tag} ({built.size / 1e6:.0f} MB, {time.monotonic() - started:.1f} s)")
     variants = {m.variant for m in modes}
     if "accelerated" in variants:
-        tag = f"{built.tag}_accelerated"
+        tag = f"{built.tag}_accelerated-{CHUNKS}"
         try:
             prep.layers["accelerated"] = convert_cached(host, prep.repo, built.tag, tag, None, tmp, log)
             prep.tags["accelerated"] = tag
@@ -907,7 +911,7 @@ def prepare(
                 took = time.monotonic() - t
                 log(f"  recorded {len(prep.recorded)} files read by the workload ({took:.0f} s)")
             digest = hashlib.sha256("\n".join(prep.recorded).encode()).hexdigest()[:8]
-            tag = f"{built.tag}_optimized-{digest}"
+            tag = f"{built.tag}_optimized-{digest}-{CHUNKS}"
             prep.layers["optimized"] = convert_cached(
                 host, prep.repo, built.tag, tag, prep.recorded, tmp, log
             )

@@ -287,15 +287,16 @@ class LoaderAhead:
             self.fetcher.spawn(self._guess, self._head_of, *target)
 
     async def _head_of(self, handle: LayerHandle, ino: int) -> None:
-        """Fetch the first chunk of a library or module (alone: its neighbours are not what the loader
-        reads; one larger than read_ahead is not guessed), then follow it."""
+        """Fetch the first chunk of a library or module (with no neighbours: they are not what the
+        loader reads; but its `Fetcher.unit` where round trips are dear; one larger than read_ahead is
+        not guessed), then follow it."""
         ix = handle.layer.index
         if ix.chunk_count[ino] == 0 or handle.closed or handle.bad is not None:
             return
         first = ix.first_chunk[ino]
         if ix.c_inner[first] + ix.c_size[first] > self.fetcher.options.read_ahead:
             return
-        self.fetcher.fetch_missing(handle, [first])
+        self.fetcher.fetch_missing(handle, self.fetcher.unit(handle, first))
         self.head(handle, ino, await self.fetcher.chunk(handle, first))
 
     async def _bytes(self, handle: LayerHandle, ino: int, offset: int, length: int) -> bytes:

@@ -34,7 +34,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=size_arg,
         default=DEFAULT_CHUNK_SIZE,
         metavar="SIZE",
-        help="files larger than this are split into chunks of this size (default: 4MiB)",
+        help="files larger than this are split into chunks of this size "
+        f"(default: {DEFAULT_CHUNK_SIZE >> 20}MiB; ctr-remote's is 4MiB)",
     )
     prio = parser.add_mutually_exclusive_group()
     prio.add_argument(

@@ -47,7 +47,7 @@ Configuration (TOML, ``--config FILE``); every key is optional::
     [[repositories]]
     name = "team/*"                            # * within one path component, ** across, ? one char
     format = "estargz"                         # estargz | estargz-zstd | zstd-chunked
-    chunk_size = "4MiB"
+    chunk_size = "1MiB"
     level = 6
     all_platforms = false                      # else the host's platform (or `platform`) of an index
     platform = "linux/amd64"

@@ -354,3 +354,76 @@ async def test_cache_writes_go_at_once_beyond_the_backlog(tmp_path: Path, nurser
     assert fetcher.cache.stats().entries == 2  # 400 KB read, 200 KB may wait
     await fetcher.flush()  # a planned stop writes the rest
     assert fetcher.cache.stats().entries == 4
+
+
+def test_round_trips_are_dear_on_a_far_or_a_fast_link() -> None:
+    """Where a small request's time carries UNIT_BDP bytes or more, a miss brings its FETCH_UNIT."""
+    assert not LinkEstimate().round_trips_dear()  # nothing measured: chunks alone
+
+    def link(latency: float, rate: float) -> LinkEstimate:
+        measured = LinkEstimate()
+        measured.observe(4096, latency)
+        measured.observe(4 << 20, latency + (4 << 20) / rate)
+        return measured
+
+    assert not link(0.004, 12.5e6).round_trips_dear()  # 100 Mbit/s, 4 ms: 50 KB, bytes are dear
+    assert link(0.025, 12.5e6).round_trips_dear()  # 20 ms more: 300 KB
+    assert link(0.002, 1e9).round_trips_dear()  # unshaped: 2 MB
+    shared = LinkEstimate()  # no small request had the link alone yet: the fastest one bounds it
+    shared.observe(4 << 20, 0.025 + (4 << 20) / 12.5e6)
+    shared.observe(4096, 0.03, alone=False)
+    assert shared.latency is None and shared.round_trips_dear()
+    shared.observe(4096, 0.003, alone=False)  # sharing never made a request faster: the link is near
+    assert not shared.round_trips_dear()
+
+
+UNIT_FILES = [
+    im.File("a", im.pseudo_random(10 << 20, seed=1)),
+    im.File("b", im.pseudo_random(1 << 20, seed=2)),
+]
+
+
+async def unit_setup(tmp_path: Path, latency: float) -> tuple[CountingSource, LayerHandle, Fetcher]:
+    blob, result = convert_bytes(im.Layer(UNIT_FILES).tar(), WriteOptions(chunk_size=1 << 20))
+    source = CountingSource(blob)
+    cache = ChunkCache(tmp_path / "cache", 1 << 30, fsync=False)
+    await cache.open()
+    fetcher = Fetcher(cache, FetchOptions(merge_min=0, merge_cap=0, background=False))  # no neighbours
+    handle = LayerHandle(await open_layer(source, result.toc_digest), "layer-1", "test layer")
+    fetcher.link(handle).observe(4096, latency)
+    fetcher.link(handle).observe(4 << 20, latency + (4 << 20) / 12.5e6)  # 100 Mbit/s
+    fetcher.link(handle).observe = lambda *args: None  # as measured (memory is no 100 Mbit/s link)
+    return source, handle, fetcher
+
+
+def fetched(fetcher: Fetcher, handle: LayerHandle, path: str) -> list[int]:
+    """Which of a file's chunks (counted from its first) are in memory or in flight."""
+    ix = handle.layer.index
+    ino = ix.find(path)
+    first = ix.first_chunk[ino]
+    return [
+        c - first
+        for c in range(first, first + ix.chunk_count[ino])
+        if (handle.id, c) in fetcher._memory or (handle.id, c) in fetcher._pending
+    ]
+
+
+@pytest.mark.parametrize("latency", [0.025, 0.004])
+async def test_a_miss_brings_its_files_aligned_unit_where_round_trips_are_dear(
+    tmp_path: Path, nursery, latency: float
+) -> None:
+    source, handle, fetcher = await unit_setup(tmp_path, latency)
+    await nursery.start(fetcher.run)
+    ix = handle.layer.index
+    a, data = ix.find("a"), UNIT_FILES[0].data
+    dear = latency > 0.01
+    assert await fetcher.read(handle, a, 5 << 20 | 12345, 4096) == data[(5 << 20) + 12345 :][:4096]
+    assert source.requests == 1
+    assert fetched(fetcher, handle, "a") == ([4, 5, 6, 7] if dear else [5])  # before it and after
+    # the last unit ends with the file: never the next file's chunks; what is here is not fetched again
+    await fetcher.read(handle, a, 6 << 20, 4096)
+    assert source.requests == (1 if dear else 2)
+    assert await fetcher.read(handle, a, (10 << 20) - 10, 10) == data[-10:]
+    assert source.requests == (2 if dear else 3)
+    assert fetched(fetcher, handle, "a") == ([4, 5, 6, 7, 8, 9] if dear else [5, 6, 9])
+    assert fetched(fetcher, handle, "b") == []
