@@ -150,6 +150,7 @@ UNREAD_ALLOWANCE = 64 << 10  # neighbour bytes one miss may be expected to leave
 # unshaped, against the peer in the same run: 48 KiB 0.94x its time, 64 KiB 0.87x, 96 KiB 1.5 MB more bytes)
 FETCH_UNIT = 4 << 20  # where round trips are dear: a miss brings its file's aligned region of this size
 UNIT_BDP = 128 << 10  # ... that is, where a small request's time carries this many bytes
+UNIT_CHUNKS = 64  # chunks a unit takes at most on each side of a miss (a TOC may cut a file in 4 KiB chunks)
 BUSY_WINDOW = 10.0  # seconds after an on-demand read during which background pieces stay small
 BUSY_PIECE_SECONDS = 0.05  # ... what the link carries in this long (at least 256 KiB)
 
@@ -571,16 +572,13 @@ class Fetcher:
         low = ix.c_file_offset[cid] // FETCH_UNIT * FETCH_UNIT
         high = low + FETCH_UNIT
         first = cid
-        while ix.c_file_offset[first] > low:  # not the file's first chunk: the one before is the file's
-            first -= 1
+        while ix.c_file_offset[first] > low and cid - first < UNIT_CHUNKS:  # not its file's first chunk:
+            first -= 1  # the one before is the file's too
         out = [cid]
         inflate = 0  # declared decompressed bytes: within inflate_cap, as any request
         nxt = first
-        while (
-            nxt < handle.chunk_count
-            and ix.c_file_offset[nxt] < high
-            and (nxt == first or ix.c_file_offset[nxt] > 0)
-        ):
+        end = min(handle.chunk_count, cid + UNIT_CHUNKS + 1)
+        while nxt < end and ix.c_file_offset[nxt] < high and (nxt == first or ix.c_file_offset[nxt] > 0):
             if nxt != cid and ix.c_storage[nxt] != ZEROS and not self._local(handle, nxt):
                 inflate += _inflated(ix, nxt)
                 if inflate > self.options.inflate_cap:

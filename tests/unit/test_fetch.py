@@ -12,6 +12,7 @@ from fuse.ahead import LoaderAhead
 from fuse.cache import ChunkCache
 from fuse.fetch import (
     MERGE_UNMEASURED,
+    UNIT_CHUNKS,
     UNREAD_ALLOWANCE,
     Fetcher,
     FetchOptions,
@@ -427,3 +428,19 @@ async def test_a_miss_brings_its_files_aligned_unit_where_round_trips_are_dear(
     assert source.requests == (2 if dear else 3)
     assert fetched(fetcher, handle, "a") == ([4, 5, 6, 7, 8, 9] if dear else [5, 6, 9])
     assert fetched(fetcher, handle, "b") == []
+
+
+async def test_a_unit_of_tiny_chunks_is_bounded(tmp_path: Path, nursery) -> None:
+    """A file cut in 4 KiB chunks (a TOC may): a miss takes at most UNIT_CHUNKS on each side."""
+    data = im.pseudo_random(2 << 20, seed=3)
+    blob, result = convert_bytes(im.Layer([im.File("tiny", data)]).tar(), WriteOptions(chunk_size=4096))
+    cache = ChunkCache(tmp_path / "cache", 1 << 30, fsync=False)
+    await cache.open()
+    fetcher = Fetcher(cache, FetchOptions(merge_min=0, merge_cap=0, background=False))
+    handle = LayerHandle(await open_layer(CountingSource(blob), result.toc_digest), "layer-1", "tiny")
+    fetcher.link(handle).observe(4096, 0.025)
+    fetcher.link(handle).observe(4 << 20, 0.025 + (4 << 20) / 12.5e6)
+    await nursery.start(fetcher.run)
+    ix = handle.layer.index
+    assert await fetcher.read(handle, ix.find("tiny"), 1 << 20, 10) == data[1 << 20 :][:10]
+    assert fetched(fetcher, handle, "tiny") == list(range(256 - UNIT_CHUNKS, 256 + UNIT_CHUNKS + 1))
