@@ -18,6 +18,7 @@ from tests.harness import images as im
 from tests.harness.accelerate import accelerate
 from tests.harness.registry import Registry, anonymous_client
 from tests.unit.test_ahead import APP, BASE, MIB, local, tool_and_its_libraries_arrive
+from tests.unit.test_fetch import frozen_link
 
 ENV = ["PATH=/usr/local/bin:/app/bin:/usr/bin"]  # the program is in the second directory
 
@@ -35,6 +36,7 @@ def test_the_program_is_fetched_once_the_top_layer_is_mounted(
             cache = ChunkCache(tmp_path / "cache", 1 << 30, fsync=False)
             await cache.open()
             fetcher = Fetcher(cache, FetchOptions(merge_min=0, merge_cap=0, background=False))
+            fetcher.links[ref.host] = frozen_link(0.004)  # 100 Mbit/s and near: each chunk on its own
             fs = LazyFS(fetcher)
             root = tmp_path / "root"
             root.mkdir()

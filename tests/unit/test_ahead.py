@@ -16,6 +16,7 @@ from fuse.formats import BytesSource, open_layer
 from snapshotter.convert.writer import WriteOptions, convert_bytes
 from tests.harness import images as im
 from tests.unit.test_elf import program
+from tests.unit.test_fetch import frozen_link
 from tests.unit.test_pyimports import pyc
 
 MIB = 1 << 20
@@ -106,6 +107,7 @@ async def test_the_head_of_a_program_brings_its_loader_and_libraries(
     cache = ChunkCache(tmp_path / "cache", 1 << 30, fsync=False)
     await cache.open()
     fetcher = Fetcher(cache, FetchOptions(merge_min=0, merge_cap=0, background=False))
+    fetcher.links[app.host] = frozen_link(0.004)  # 100 Mbit/s and near: each chunk on its own
     LoaderAhead(fetcher, lambda handle: [app, base])
     await nursery.start(fetcher.run)
 
@@ -133,13 +135,18 @@ async def test_the_head_of_a_program_brings_its_loader_and_libraries(
     assert base.layer.source.requests + app.layer.source.requests == requests
 
 
-async def test_the_program_a_container_will_run_is_fetched_before_it_starts(tmp_path: Path, nursery) -> None:
+@pytest.mark.parametrize("far", [False, True])
+async def test_the_program_a_container_will_run_is_fetched_before_it_starts(
+    tmp_path: Path, nursery, far: bool
+) -> None:
     """`program`: the first of the paths found is fetched, and what its loader reads after it, with no
-    read at all; a program found nowhere fetches nothing."""
+    read at all; a program found nowhere fetches nothing. Where round trips are dear, each file
+    guessed comes with its fetch unit."""
     base, app = await handle_of(BASE, "base"), await handle_of(APP, "app")
     cache = ChunkCache(tmp_path / "cache", 1 << 30, fsync=False)
     await cache.open()
     fetcher = Fetcher(cache, FetchOptions(merge_min=0, merge_cap=0, background=False))
+    fetcher.links[app.host] = frozen_link(0.025 if far else 0.004)
     ahead = LoaderAhead(fetcher, lambda handle: [app, base])
     await nursery.start(fetcher.run)
 
@@ -148,18 +155,30 @@ async def test_the_program_a_container_will_run_is_fetched_before_it_starts(tmp_
     assert base.layer.source.requests == app.layer.source.requests == 0
 
     assert ahead.program([app, base], ["/usr/bin/tool", "/app/bin/tool"]) == "/app/bin/tool"
-    await tool_and_its_libraries_arrive(fetcher, app, base)
+    await tool_and_its_libraries_arrive(fetcher, app, base, far)
 
 
-async def tool_and_its_libraries_arrive(fetcher: Fetcher, app: LayerHandle, base: LayerHandle) -> None:
-    """Wait for what app/bin/tool's loader reads (APP over BASE), and nothing else, to be local."""
+async def tool_and_its_libraries_arrive(
+    fetcher: Fetcher, app: LayerHandle, base: LayerHandle, far: bool = False
+) -> None:
+    """Wait for what app/bin/tool's loader reads (APP over BASE) to be local, then check nothing else
+    is. Where round trips are dear (`far`), each file comes with its 4 MiB fetch unit."""
+    tool = [True, True, True] if far else [True, False, True]  # the head and the dynamic section's chunk
+    expected = [
+        (app, "app/bin/tool", tool),
+        (app, "app/lib/libapp.so.2", [True]),
+        (base, "usr/lib/x86_64-linux-gnu/libc-2.36.so", [True, True]),
+        (base, "usr/lib/x86_64-linux-gnu/ld-linux-x86-64.so.2", [True]),
+        (base, "etc/ld.so.cache", [True]),
+    ]
     with trio.fail_after(5):
-        while not all(local(fetcher, base, "usr/lib/x86_64-linux-gnu/libc-2.36.so")):
+        while not all(
+            all(got or not wanted for got, wanted in zip(local(fetcher, h, path), want, strict=True))
+            for h, path, want in expected
+        ):
             await trio.sleep(0.02)
-    assert local(fetcher, app, "app/bin/tool") == [True, False, True]
-    assert local(fetcher, app, "app/lib/libapp.so.2") == [True]
-    assert local(fetcher, base, "usr/lib/x86_64-linux-gnu/ld-linux-x86-64.so.2") == [True]
-    assert local(fetcher, base, "etc/ld.so.cache") == [True]
+    await trio.sleep(0.2)  # whatever else was started has arrived too
+    assert [local(fetcher, h, path) for h, path, _ in expected] == [want for _, _, want in expected]
     assert local(fetcher, base, "usr/lib/x86_64-linux-gnu/libunused.so.1") == [False]
 
 

@@ -384,6 +384,16 @@ UNIT_FILES = [
 ]
 
 
+def frozen_link(latency: float) -> LinkEstimate:
+    """A registry link as measured: 100 Mbit/s, `latency` per small request; what the fetcher would
+    measure of a test's in-memory blob (no such link) is not taken."""
+    link = LinkEstimate()
+    link.observe(4096, latency)
+    link.observe(4 << 20, latency + (4 << 20) / 12.5e6)
+    link.observe = lambda *args: None  # type: ignore[method-assign]
+    return link
+
+
 async def unit_setup(tmp_path: Path, latency: float) -> tuple[CountingSource, LayerHandle, Fetcher]:
     blob, result = convert_bytes(im.Layer(UNIT_FILES).tar(), WriteOptions(chunk_size=1 << 20))
     source = CountingSource(blob)
@@ -391,9 +401,7 @@ async def unit_setup(tmp_path: Path, latency: float) -> tuple[CountingSource, La
     await cache.open()
     fetcher = Fetcher(cache, FetchOptions(merge_min=0, merge_cap=0, background=False))  # no neighbours
     handle = LayerHandle(await open_layer(source, result.toc_digest), "layer-1", "test layer")
-    fetcher.link(handle).observe(4096, latency)
-    fetcher.link(handle).observe(4 << 20, latency + (4 << 20) / 12.5e6)  # 100 Mbit/s
-    fetcher.link(handle).observe = lambda *args: None  # as measured (memory is no 100 Mbit/s link)
+    fetcher.links[handle.host] = frozen_link(latency)
     return source, handle, fetcher
 
 
