@@ -452,14 +452,7 @@ class Fetcher:
             budget -= _inflated(ix, cid)
             if budget < 0:
                 break
-            key = (handle.id, cid)
-            if (
-                ix.c_storage[cid] == ZEROS
-                or key in self._pending
-                or key in self._memory
-                or key in self._unwritten
-                or handle.cached[cid]
-            ):
+            if ix.c_storage[cid] == ZEROS or self._local(handle, cid):
                 continue
             if self.cache.contains(self._cache_key(handle, cid)):
                 continue
@@ -552,8 +545,7 @@ class Fetcher:
             budget -= _inflated(ix, nxt)
             if ix.c_end[nxt] - wanted_end > neighbours or budget < 0:
                 break
-            key = (handle.id, nxt)
-            if handle.cached[nxt] or key in self._pending or key in self._memory or key in self._unwritten:
+            if self._local(handle, nxt):
                 break
             plan.append(nxt)
             nxt += 1
@@ -661,7 +653,7 @@ class Fetcher:
             self.counters.requests += 1
             self.counters.observe(time.monotonic() - started)
             fetched = sum(len(d) for d in datas)
-            if len(groups) == 1:  # requests sharing the link would read as a slow link
+            if len(groups) == 1:  # one range: a measure of the link (if it had it `alone`, see observe)
                 link.observe(fetched, took, alone)
             self.counters.add_bytes(kind, fetched)
             if log.isEnabledFor(logging.DEBUG):
