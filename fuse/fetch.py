@@ -618,35 +618,44 @@ class Fetcher:
         try:
             limiter = self._hosts.setdefault(handle.host, trio.CapacityLimiter(self.options.per_host))
             groups = merge_spans(chunks, cap=max(self.options.merge_cap, self.options.background_piece))
-            # what reads wait for at the start of the range is decoded as soon as it is in, while the
-            # neighbours fetched with it are still on the wire
             first, end, members = groups[0]
-            head = [c for c in members if pendings[c.id].wanted]
-            head_end = max((c.end for c in head), default=end)
-            early = None
-            if head_end < end:
+            tap, early = None, None
+            stream = layer.chunk_stream(first, members) if len(groups) == 1 and kind == "demand" else None
+            if stream is not None and stream.streams:
+                # a miss's range is decoded as it arrives: each chunk is served once its last byte is in
 
-                async def decode_head(data: bytes) -> None:  # its waiters are served whatever happens
-                    try:
-                        await self._decode_and_resolve(handle, pendings, kind, first, data, head)
-                    except BaseException as e:
-                        self._fail(handle, {c.id: pendings[c.id] for c in head}, e)
-                        raise
-                    finally:
-                        head_done.set()
+                def tap(offset: int, piece: bytes) -> None:
+                    for c, result in stream.feed(offset, piece):
+                        self._settle(handle, c.id, pendings[c.id], result, kind)
 
-                def on_head(data: bytes) -> None:
-                    nonlocal fired
-                    if not fired:  # once, though a retried request streams the head again
-                        self.spawn(decode_head, data)
-                        fired = True
+            else:
+                # what reads wait for at the start of the range is decoded as soon as it is in, while
+                # the neighbours fetched with it are still on the wire
+                head = [c for c in members if pendings[c.id].wanted]
+                head_end = max((c.end for c in head), default=end)
+                if head_end < end:
 
-                early = (head_end - first, on_head)
+                    async def decode_head(data: bytes) -> None:  # its waiters are served whatever happens
+                        try:
+                            await self._decode_and_resolve(handle, pendings, kind, first, data, head)
+                        except BaseException as e:
+                            self._fail(handle, {c.id: pendings[c.id] for c in head}, e)
+                            raise
+                        finally:
+                            head_done.set()
+
+                    def on_head(data: bytes) -> None:
+                        nonlocal fired
+                        if not fired:  # once, though a retried request streams the head again
+                            self.spawn(decode_head, data)
+                            fired = True
+
+                    early = (head_end - first, on_head)
             link = self.link(handle)
             async with limiter:
                 sent, alone = time.monotonic(), link.begin()
                 try:
-                    datas = await layer.source.read_many([(s, e - s) for s, e, _ in groups], early)
+                    datas = await layer.source.read_many([(s, e - s) for s, e, _ in groups], early, tap)
                 finally:
                     alone = link.end(alone)
                 took = time.monotonic() - sent
@@ -716,16 +725,22 @@ class Fetcher:
             if cid not in pendings:
                 if not isinstance(result, Exception) and not handle.cached[cid]:
                     bonus[cid] = result
-            elif isinstance(result, Exception):
-                self._reject(handle, cid, pendings[cid], result)
             else:
-                self._resolve(handle, cid, pendings[cid], result, store_now=kind == "demand")
+                self._settle(handle, cid, pendings[cid], result, kind)
         if kind != "demand":  # prefetch and background: stored before the walk goes on
             for cid, result in decoded.items():
                 if cid in pendings and not isinstance(result, Exception):
                     await self._store(handle, cid, result)
         for cid, result in bonus.items():  # cached for the reads to come, never fetched again
             await self._store(handle, cid, result)
+
+    def _settle(
+        self, handle: LayerHandle, cid: int, pending: _Pending, result: bytes | Exception, kind: str
+    ) -> None:
+        if isinstance(result, Exception):
+            self._reject(handle, cid, pending, result)
+        else:
+            self._resolve(handle, cid, pending, result, store_now=kind == "demand")
 
     def _resolve(
         self, handle: LayerHandle, cid: int, pending: _Pending, data: bytes, store_now: bool

@@ -7,6 +7,7 @@ from .errors import FormatError, NotLazy, Unverified
 from .footer import Footer, parse_footer
 from .index import Chunk, IndexBuilder, LayerIndex, Limits, Stat, build_index
 from .reader import (
+    ChunkStream,
     Layer,
     TocInfo,
     decode_chunk,
@@ -20,6 +21,7 @@ from .spec import ESTARGZ, ESTARGZ_ZSTD, ZSTD_CHUNKED
 from .tocstream import fetch_layer, open_layer
 
 __all__ = [
+    "ChunkStream",
     "ESTARGZ",
     "ESTARGZ_ZSTD",
     "ZSTD_CHUNKED",

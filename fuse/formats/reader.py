@@ -122,6 +122,10 @@ class Layer:
                 out[cid] = result
         return out
 
+    def chunk_stream(self, start: int, members: list[Chunk]) -> ChunkStream | None:
+        """A decoder of the range's chunks as its bytes arrive, where the format has one."""
+        return ChunkStream(start, members, self.source.description, self.allow_unverified_chunks)
+
     def decode_members(self, start: int, data: bytes, members: list[Chunk]) -> dict[int, bytes | Exception]:
         """Each chunk of a range fetched from `start` decoded and verified on its own (blocking: call
         from a thread): its bytes, or the error that rejects it alone."""
@@ -256,19 +260,128 @@ def decode_chunk(c: Chunk, span: bytes, what: str, allow_unverified: bool = Fals
     except INFLATE_ERRORS as e:
         raise FormatError(f"{what}: chunk at {c.start} does not decompress: {e}") from e
     if got < c.size:
-        raise FormatError(
-            f"{what}: chunk at {c.start} decompresses to {skipped + got} bytes, fewer than "
-            f"innerOffset {c.inner} + size {c.size}: the TOC does not describe this blob"
-        )
+        raise _short(c, skipped + got, what)
     data = parts[0] if len(parts) == 1 else b"".join(parts)
+    _verify(c, hashlib.sha256(data) if c.digest is not None else None, what, allow_unverified)
+    return data
+
+
+def _short(c: Chunk, inflated: int, what: str) -> FormatError:
+    return FormatError(
+        f"{what}: chunk at {c.start} decompresses to {inflated} bytes, fewer than "
+        f"innerOffset {c.inner} + size {c.size}: the TOC does not describe this blob"
+    )
+
+
+def _verify(c: Chunk, sha: Any, what: str, allow_unverified: bool) -> None:
+    """Raise Unverified unless `sha` (the sha256 object of the chunk's bytes) matches its TOC digest."""
     if c.digest is None:
         if not allow_unverified:
             raise Unverified(f"{what}: chunk at {c.start} has no digest in the TOC; refusing to serve it")
-    elif hashlib.sha256(data).digest() != c.digest:
+    elif sha.digest() != c.digest:
         raise Unverified(
             f"{what}: chunk at {c.start} (file offset {c.file_offset}) does not match its digest"
         )
-    return data
+
+
+class ChunkStream:
+    """The gzip chunks of one range decoded while the range arrives: `feed` takes each piece of the
+    body as it comes and returns every chunk whose last compressed byte is now in, verified, or the
+    error that rejects it. A reader waits for its chunk's bytes, not for the rest of the range nor for
+    a decode after it: the inflate and the hash run while the next bytes are on the wire (about 8 ms a
+    4 MiB chunk here, on the path of every miss otherwise). Chunks of other storages are left to
+    `Layer.decode_members` once the range is in (`streams`). Memory: as `decode_chunk`, each chunk
+    being decoded holds at most its size plus one input piece, whatever its member inflates to.
+
+    The pieces must come in order from the range's start; a piece at offset 0 again (a retried request)
+    starts over; any other gap leaves the unfinished chunks to `decode_members`."""
+
+    def __init__(self, start: int, members: list[Chunk], what: str, allow_unverified: bool = False):
+        self._what, self._allow = what, allow_unverified
+        self._start = start
+        self._members = sorted((c for c in members if c.storage == GZIP), key=lambda c: c.start)
+        self.streams = {c.id for c in self._members}
+        self._given: set[int] = set()  # chunks returned (a retried request does not decode them again)
+        self._restart()
+
+    def _restart(self) -> None:
+        self._pos = self._start  # blob offset of the next byte expected
+        self._next = 0  # the first member not begun
+        self._open: list[_Inflating] = []
+        self._broken = False
+
+    def feed(self, offset: int, piece: bytes) -> list[tuple[Chunk, bytes | Exception]]:
+        if offset == 0 and self._pos != self._start:
+            self._restart()
+        pos = self._start + offset
+        if self._broken or pos != self._pos:
+            self._broken = True
+            return []
+        end = pos + len(piece)
+        self._pos = end
+        while self._next < len(self._members) and self._members[self._next].start < end:
+            if self._members[self._next].id not in self._given:
+                self._open.append(_Inflating(self._members[self._next]))
+            self._next += 1
+        done = []
+        for inflating in self._open:
+            c = inflating.chunk
+            inflating.feed(piece[max(0, c.start - pos) : c.end - pos])
+            if c.end <= end:
+                done.append((c, inflating.finish(self._what, self._allow)))
+                self._given.add(c.id)
+        if done:
+            self._open = [i for i in self._open if i.chunk.end > end]
+        return done
+
+
+class _Inflating:
+    """One gzip chunk being inflated piece by piece: its first `inner` bytes skipped, then at most
+    `size` kept and hashed."""
+
+    def __init__(self, chunk: Chunk):
+        self.chunk = chunk
+        self._z = isal_zlib.decompressobj(wbits=31)
+        self._skip = chunk.inner
+        self._parts: list[bytes] = []
+        self._got = 0
+        self._sha = hashlib.sha256() if chunk.digest is not None else None
+        self._error: Exception | None = None
+
+    def feed(self, data: bytes) -> None:
+        z, c = self._z, self.chunk
+        try:
+            while not self._error and not z.eof and (want := self._skip + c.size - self._got) > 0:
+                ask = min(want, OUTPUT_PIECE)
+                out = z.decompress(data, ask)
+                data, starved = z.unconsumed_tail, len(out) < ask  # starved: every input byte used
+                if self._skip and out:
+                    cut = min(self._skip, len(out))
+                    self._skip -= cut
+                    out = out[cut:]
+                if out:
+                    self._parts.append(out)
+                    self._got += len(out)
+                    if self._sha is not None:
+                        self._sha.update(out)
+                if starved and not data:
+                    break
+        except INFLATE_ERRORS as e:
+            self._error = FormatError(f"chunk at {c.start} does not decompress: {e}")
+
+    def finish(self, what: str, allow_unverified: bool) -> bytes | Exception:
+        c = self.chunk
+        if self._error is not None:
+            return FormatError(f"{what}: {self._error}")
+        if self._got < c.size:
+            return _short(c, c.inner - self._skip + self._got, what)
+        try:
+            _verify(c, self._sha, what, allow_unverified)
+        except Unverified as e:
+            return e
+        data = self._parts[0] if len(self._parts) == 1 else b"".join(self._parts)
+        self._parts = []
+        return data
 
 
 # --- opening a layer --------------------------------------------------------------------------------

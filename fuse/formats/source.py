@@ -29,10 +29,13 @@ class BlobSource(Protocol):
         source that does not stream never calls it."""
         ...
 
-    async def read_many(self, spans: list[tuple[int, int]], early: Early | None = None) -> list[bytes]:
-        """The bytes of each span. `early`, where the source streams, is called with the head of the
-        first span as soon as it is in, at most once per attempt (a retried request may call it again);
-        a source that does not stream never calls it."""
+    async def read_many(
+        self, spans: list[tuple[int, int]], early: Early | None = None, tap: Tap | None = None
+    ) -> list[bytes]:
+        """The bytes of each span. Where the source streams, and for a single span only: `early` is
+        called with the head of the span as soon as it is in, at most once per attempt (a retried
+        request may call it again), and `tap` as in `read`; a source that does not stream never calls
+        them."""
         ...
 
 
@@ -49,15 +52,19 @@ class BytesSource:
         self.reads.append((offset, length))
         data = self.data[offset : offset + length]
         if tap is not None:
-            for i in range(0, len(data), TAP_PIECE):
-                tap(i, data[i : i + TAP_PIECE])
+            _tap_pieces(data, tap)
         return data
 
-    async def read_many(self, spans: list[tuple[int, int]], early: Early | None = None) -> list[bytes]:
+    async def read_many(
+        self, spans: list[tuple[int, int]], early: Early | None = None, tap: Tap | None = None
+    ) -> list[bytes]:
         self.reads.extend(spans)
         if early is not None and spans:
             early[1](self.data[spans[0][0] : spans[0][0] + early[0]])
-        return [self.data[o : o + n] for o, n in spans]
+        datas = [self.data[o : o + n] for o, n in spans]
+        if tap is not None and len(spans) == 1:
+            _tap_pieces(datas[0], tap)
+        return datas
 
 
 class FileSource:
@@ -75,7 +82,9 @@ class FileSource:
 
         return await trio.to_thread.run_sync(pread)
 
-    async def read_many(self, spans: list[tuple[int, int]], early: Early | None = None) -> list[bytes]:
+    async def read_many(
+        self, spans: list[tuple[int, int]], early: Early | None = None, tap: Tap | None = None
+    ) -> list[bytes]:
         return [await self.read(o, n) for o, n in spans]
 
 
@@ -89,5 +98,12 @@ class RegistrySource:
     async def read(self, offset: int, length: int, tap: Tap | None = None) -> bytes:
         return await self.client.read_range(self.ref, self.digest, offset, length, tap)
 
-    async def read_many(self, spans: list[tuple[int, int]], early: Early | None = None) -> list[bytes]:
-        return await self.client.read_ranges(self.ref, self.digest, spans, early)
+    async def read_many(
+        self, spans: list[tuple[int, int]], early: Early | None = None, tap: Tap | None = None
+    ) -> list[bytes]:
+        return await self.client.read_ranges(self.ref, self.digest, spans, early, tap)
+
+
+def _tap_pieces(data: bytes, tap: Tap) -> None:
+    for i in range(0, len(data), TAP_PIECE):
+        tap(i, data[i : i + TAP_PIECE])

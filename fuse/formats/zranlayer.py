@@ -122,6 +122,9 @@ class ZranLayer(Layer):
     def prefetch_span(self) -> tuple[int, int] | None:
         return None  # plain layers have no prioritized region
 
+    def chunk_stream(self, start: int, members: list[Chunk]) -> None:
+        return None  # a span inflates from its checkpoint's window: decoded once it is all in
+
     def decode_members(self, start: int, data: bytes, members: list[Chunk]) -> dict[int, bytes | Exception]:
         """Inflate each span the chunks lie in once, verified, and slice the chunks out of it, and every
         other chunk of that span too (files read together lie together: the reads to come find them

@@ -27,9 +27,9 @@ class Counted(BytesSource):
         super().__init__(data, name)
         self.requests = 0
 
-    async def read_many(self, spans, early=None):
+    async def read_many(self, spans, early=None, tap=None):
         self.requests += 1
-        return await super().read_many(spans, early)
+        return await super().read_many(spans, early, tap)
 
 
 async def handle_of(entries: list, name: str, chunk_size: int = MIB) -> LayerHandle:

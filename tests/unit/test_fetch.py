@@ -45,7 +45,7 @@ class CountingSource(BytesSource):
         self.gate: trio.Event | None = None  # requests wait until it is set
         self.broken = False
 
-    async def read_many(self, spans, early=None):
+    async def read_many(self, spans, early=None, tap=None):
         self.requests += 1
         if self.delay:
             await trio.sleep(self.delay)
@@ -53,7 +53,7 @@ class CountingSource(BytesSource):
             await self.gate.wait()
         if self.broken:
             raise OSError("registry unreachable")
-        return await super().read_many(spans, early)
+        return await super().read_many(spans, early, tap)
 
 
 async def setup(tmp_path: Path, options: FetchOptions | None = None, prioritized=()):
@@ -280,26 +280,49 @@ async def test_the_head_of_an_elf_file_brings_what_the_loader_reads_next(tmp_pat
     assert source.requests == 3
 
 
-async def test_a_reader_goes_on_while_its_neighbours_are_still_arriving(tmp_path: Path, nursery) -> None:
-    # a miss fetches the chunk and its neighbours in one range; the reader of the first chunk is served
-    # as soon as that chunk is in, not when the whole range has arrived
-    class Streaming(CountingSource):
-        async def read_many(self, spans, early=None):
-            self.requests += 1
-            if early is not None:
-                early[1](self.data[spans[0][0] : spans[0][0] + early[0]])
-            assert self.gate is not None
-            await self.gate.wait()  # the rest of the range is slow to come
-            return [self.data[o : o + n] for o, n in spans]
+class Streaming(CountingSource):
+    """Streams a range up to blob offset `until` (in pieces of `piece`), then waits for `gate`."""
 
+    until = 1 << 62
+    piece = 16 << 10
+
+    async def read_many(self, spans, early=None, tap=None):
+        self.requests += 1
+        [(o, n)] = spans
+        if early is not None:
+            early[1](self.data[o : o + early[0]])
+        data = self.data[o : o + n]
+        first = max(0, min(n, self.until - o))
+        if tap is not None:
+            for i in range(0, first, self.piece):
+                tap(i, data[i : min(i + self.piece, first)])
+        assert self.gate is not None
+        await self.gate.wait()  # the rest of the range is slow to come
+        if tap is not None:
+            for i in range(first, n, self.piece):
+                tap(i, data[i : i + self.piece])
+        return [data]
+
+
+async def streamed(tmp_path: Path, nursery, until: str | None = None):
     blob, toc = layer_tar()
     source = Streaming(blob)
     source.gate = trio.Event()
     handle = LayerHandle(await open_layer(source, toc), "layer-s", "streamed layer")
+    ix = handle.layer.index
+    if until is not None:  # the range arrives up to the end of this file's last chunk
+        source.until = max(ix.chunk(c).end for c in ix.chunks_of(ix.find(until), 0, ix.size[ix.find(until)]))
     cache = ChunkCache(tmp_path / "cache", 1 << 30, fsync=False)
     await cache.open()
     fetcher = Fetcher(cache, FetchOptions(merge_min=1 << 20))
     await nursery.start(fetcher.run)
+    return source, handle, fetcher
+
+
+async def test_a_reader_goes_on_while_its_neighbours_are_still_arriving(tmp_path: Path, nursery) -> None:
+    # a miss fetches the chunk and its neighbours in one range; the reader of the first chunk is served
+    # as soon as that chunk is in, not when the whole range has arrived
+    source, handle, fetcher = await streamed(tmp_path, nursery, until="f00")
     ix = handle.layer.index
     with trio.fail_after(5):
         assert await fetcher.read(handle, ix.find("f00"), 0, 4096) == FILES["f00"][:4096]
@@ -307,6 +330,30 @@ async def test_a_reader_goes_on_while_its_neighbours_are_still_arriving(tmp_path
     source.gate.set()
     assert await fetcher.read(handle, ix.find("f03"), 0, 100_003) == FILES["f03"]
     assert source.requests == 1  # the neighbour came with it
+
+
+async def test_each_chunk_of_a_range_is_served_as_soon_as_its_bytes_are_in(tmp_path: Path, nursery) -> None:
+    # the range is decoded while it arrives: a neighbour's reader is served once that neighbour's bytes
+    # are in, before the range has ended, and with the bytes the blob holds
+    source, handle, fetcher = await streamed(tmp_path, nursery, until="f02")
+    ix = handle.layer.index
+    with trio.fail_after(5):
+        assert await fetcher.read(handle, ix.find("f00"), 0, 4096) == FILES["f00"][:4096]
+        assert await fetcher.read(handle, ix.find("f02"), 0, 1 << 20) == FILES["f02"]
+    assert source.requests == 1 and not source.gate.is_set()
+    waiting = trio.Event()
+
+    async def read_f03() -> None:
+        assert await fetcher.read(handle, ix.find("f03"), 0, 100_003) == FILES["f03"]
+        waiting.set()
+
+    nursery.start_soon(read_f03)
+    await trio.sleep(0.05)
+    assert not waiting.is_set()  # its bytes have not come yet
+    source.gate.set()
+    with trio.fail_after(5):
+        await waiting.wait()
+    assert source.requests == 1
 
 
 def test_the_round_trip_leaves_out_the_transfer() -> None:

@@ -153,6 +153,20 @@ def decode_gzip_bomb() -> str:
         return f"FormatError: {e}"
 
 
+def stream_gzip_bomb() -> str:
+    """The same bomb arriving piece by piece, decoded as it comes (`ChunkStream`, a miss's range)."""
+    from fuse.formats import ChunkStream
+
+    z = zlib.compressobj(9, zlib.DEFLATED, 31)
+    member = b"".join(z.compress(bytes(1 << 20)) for _ in range(512)) + z.flush()
+    chunk = Chunk(0, GZIP, 0, len(member), 1 << 40, 0, 1, hashlib.sha256(b"\0").digest())
+    stream = ChunkStream(0, [chunk], "hostile")
+    for at in range(0, len(member), 64 << 10):
+        for _, result in stream.feed(at, member[at : at + (64 << 10)]):
+            return f"{type(result).__name__}: {result}"
+    return "never given"
+
+
 def decode_zstd_bomb() -> str:
     """A 32 KB zstd frame of 1 GiB of zeros, a chunk wanting everything after its first GiB (issue
     12: read(innerOffset + size) allocated it all at once)."""
@@ -176,6 +190,7 @@ SCENARIOS: dict[str, Callable[[], str]] = {
     "one-huge-name": lambda: _open(toc_with_one_huge_name()),
     "huge-member-before-entries": lambda: _open(toc_with_a_huge_member_before_entries()),
     "gzip-chunk-bomb": decode_gzip_bomb,
+    "gzip-chunk-bomb-streamed": stream_gzip_bomb,
     "zstd-chunk-bomb": decode_zstd_bomb,
 }
 
@@ -190,6 +205,7 @@ SCENARIOS: dict[str, Callable[[], str]] = {
         ("one-huge-name", "TOC entry 0 is longer than 262144 characters"),
         ("huge-member-before-entries", "TOC member 'padding' is longer than 262144 characters"),
         ("gzip-chunk-bomb", "fewer than innerOffset 1099511627776 + size 1"),
+        ("gzip-chunk-bomb-streamed", "fewer than innerOffset 1099511627776 + size 1"),
         ("zstd-chunk-bomb", "fewer than innerOffset 1073741824 + size 1048576"),
     ],
 )

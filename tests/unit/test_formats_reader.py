@@ -3,14 +3,17 @@ kind of broken blob a clear FormatError (never another exception, a hang or unbo
 
 from __future__ import annotations
 
+import functools
 import gzip
 import hashlib
 import io
+import itertools
 import json
 import struct
 import tarfile
 
 import pytest
+import trio
 import zstandard
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
@@ -20,12 +23,15 @@ from fuse.formats import (
     ESTARGZ_ZSTD,
     ZSTD_CHUNKED,
     BytesSource,
+    ChunkStream,
     FormatError,
     NotLazy,
     Unverified,
+    decode_chunk,
     open_layer,
     parse_footer,
 )
+from fuse.formats.index import ZEROS
 from fuse.formats.spec import SKIPPABLE_MAGIC
 
 
@@ -475,3 +481,82 @@ async def test_toc_parses_run_one_at_a_time_in_the_process(monkeypatch: pytest.M
         for _ in range(4):
             nursery.start_soon(layer_from_toc, src, footer, raw, digest)
     assert most[0] == 1
+
+
+# --- a range decoded as it arrives --------------------------------------------------------------------
+
+
+@functools.cache
+def ranged_layers() -> list:
+    """Layers whose chunks are cut every way a range may hold them: our writer's (files of several
+    64 KiB chunks, one member each) and stargz's packed small files (one member, by innerOffset)."""
+    from snapshotter.convert.writer import WriteOptions, convert_bytes
+    from tests.harness import images as im
+
+    files = [im.File(f"f{i}", im.pseudo_random(30_000 * i + 7, seed=i)) for i in range(6)]
+    files.append(im.File("text", b"the same line again\n" * 20_000))
+    blob, result = convert_bytes(im.Layer(files).tar(), WriteOptions(chunk_size=64 << 10))
+    packed, digest = packed_estargz({"a": b"A" * 700, "b": bytes(range(256)) * 300, "c": b"c"})
+    return [
+        trio.run(open_layer, BytesSource(blob, "ours"), result.toc_digest),
+        trio.run(open_layer, BytesSource(packed, "packed"), digest),
+    ]
+
+
+def stream_range(layer, blob: bytes, cuts: list[int]) -> tuple[dict, dict, int]:
+    """Feed the range of all the layer's chunks cut at `cuts`: (results, the fed end at which each
+    came, the range's start)."""
+    ix = layer.index
+    chunks = [ix.chunk(c) for c in range(len(ix.c_start)) if ix.c_storage[c] != ZEROS]
+    start, end = min(c.start for c in chunks), max(c.end for c in chunks)
+    stream = ChunkStream(start, chunks, "test")
+    results, came = {}, {}
+    bounds = sorted({0, end - start, *(k % (end - start) for k in cuts)})
+    for a, b in itertools.pairwise(bounds):
+        for c, result in stream.feed(a, blob[start + a : start + b]):
+            assert c.id not in results  # each chunk once
+            results[c.id], came[c.id] = result, start + b
+    return results, came, start
+
+
+@settings(max_examples=30, deadline=None)
+@given(cuts=st.lists(st.integers(min_value=0, max_value=1 << 30), max_size=40))
+def test_a_range_decoded_as_it_arrives_gives_each_chunk_once_its_bytes_are_in(cuts) -> None:
+    for layer in ranged_layers():
+        blob, ix = layer.source.data, layer.index
+        results, came, _ = stream_range(layer, blob, cuts)
+        for cid in range(len(ix.c_start)):
+            c = ix.chunk(cid)
+            if c.storage == ZEROS:
+                continue
+            assert results[cid] == decode_chunk(c, blob[c.start : c.end], "test")
+            assert came[cid] == min(e for e in came.values() if e >= c.end)  # at once, not later
+
+
+def test_a_corrupt_chunk_in_a_streamed_range_fails_alone() -> None:
+    layer = ranged_layers()[0]
+    ix, blob = layer.index, bytearray(layer.source.data)
+    bad = ix.chunk(3)
+    blob[(bad.start + bad.end) // 2] ^= 0xFF
+    results, _, _ = stream_range(layer, bytes(blob), [1000, 70_000, 200_001])
+    assert isinstance(results[3], (FormatError, Unverified)), results[3]
+    good = [cid for cid, r in results.items() if cid != 3]
+    assert good and all(isinstance(results[cid], bytes) for cid in good)
+
+
+def test_a_retried_range_starts_over_and_a_gap_stops_the_stream() -> None:
+    layer = ranged_layers()[0]
+    ix, blob = layer.index, layer.source.data
+    chunks = [ix.chunk(c) for c in range(len(ix.c_start))]
+    start, end = min(c.start for c in chunks), max(c.end for c in chunks)
+    half = (end - start) // 2
+    stream = ChunkStream(start, chunks, "test")
+    first = {c.id for c, _ in stream.feed(0, blob[start : start + half])}
+    assert first and len(first) < len(chunks)
+    again = {c.id: r for c, r in stream.feed(0, blob[start:end])}  # a retried request: from 0
+    assert set(again) == {c.id for c in chunks} - first  # the rest, each once
+    assert all(again[c.id] == decode_chunk(c, blob[c.start : c.end], "test") for c in chunks if c.id in again)
+
+    gapped = ChunkStream(start, chunks, "test")
+    gapped.feed(0, blob[start : start + 100])
+    assert gapped.feed(200, blob[start + 200 : end]) == []  # bytes 100-200 never came: nothing served

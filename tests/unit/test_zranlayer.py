@@ -202,9 +202,9 @@ async def test_a_read_caches_every_file_of_its_span(layer_files, tmp_path: Path)
     reads: list[tuple[int, int]] = []
     original = source.read_many
 
-    async def counted(spans: list[tuple[int, int]], early=None) -> list[bytes]:
+    async def counted(spans: list[tuple[int, int]], early=None, tap=None) -> list[bytes]:
         reads.extend(spans)
-        return await original(spans, early)
+        return await original(spans, early, tap)
 
     source.read_many = counted  # type: ignore[method-assign]
     layer = await open_zran_layer(source, entries_of(tar), zindex)
