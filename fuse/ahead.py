@@ -156,7 +156,7 @@ class LoaderAhead:
         # a compiled Python module, only where round trips are long: on a short one the next import's
         # miss costs less than a wrong guess (at 100 Mbit/s and 1 ms, guesses made starts slower: they
         # took the link from the reads). The cheap test first: this runs on every first-chunk miss.
-        elif (self.fetcher.link(handle).round_trip or 0.0) >= PY_AHEAD_LATENCY and len(head) <= MAX_PYC:
+        elif (self.fetcher.link(handle).round_trip_bound() or 0) >= PY_AHEAD_LATENCY and len(head) <= MAX_PYC:
             where = compiled(handle.layer.index.path(ino))
             if where is not None and self._first(handle, ino):
                 self.fetcher.spawn(self._guess, self._follow_python, handle, where, head)

@@ -372,6 +372,29 @@ def test_the_round_trip_leaves_out_the_transfer() -> None:
     assert far.round_trip is not None and far.round_trip > 0.015
 
 
+def test_the_round_trip_is_bounded_by_the_first_byte_until_it_is_measured() -> None:
+    # a start whose reads overlap their requests' tails may have no request alone for a while: the
+    # shortest wait for a first byte bounds the round trip from the first request on
+    link = LinkEstimate()
+    assert link.round_trip_bound() is None
+    for wait in (0.045, 0.021, 0.030):  # sharing the link only ever made the wait longer
+        link.observe_first_byte(wait)
+    assert link.round_trip is None and link.round_trip_bound() == 0.021
+    link.observe(1 << 20, 0.02 + (1 << 20) / 1.25e7)
+    link.observe(60_000, 0.02 + 60_000 / 1.25e7)
+    assert link.round_trip_bound() == link.round_trip and 0.015 < link.round_trip < 0.021
+
+
+async def test_a_fetch_measures_its_wait_for_the_first_byte(tmp_path: Path, nursery) -> None:
+    source, handle, fetcher = await setup(tmp_path)
+    await nursery.start(fetcher.run)
+    source.delay = 0.03  # the registry answers 30 ms after the request
+    ix = handle.layer.index
+    assert await fetcher.read(handle, ix.find("f05"), 0, 4096) == FILES["f05"][:4096]
+    bound = fetcher.link(handle).round_trip_bound()
+    assert bound is not None and 0.03 <= bound < 0.5
+
+
 async def test_cache_writes_wait_until_the_start_settles(tmp_path: Path, nursery) -> None:
     # a file created per chunk cost a tenth of the daemon's CPU in a start: chunks read on demand go to
     # the disk once no miss came for write_quiet, and are served from the queue meanwhile
