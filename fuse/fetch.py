@@ -17,7 +17,7 @@
   decoding than the round trips it saves), 1 MiB with 100 ms round trips. (Measured, MB before ready
   without the allowance / with it / the peer's: python-scipy unshaped 52.0 / 46.8 / 47.0; unshaped with
   20 ms added, python-numpy 19.3 / 18.5 / 18.9 and gcc 29.0 / 23.1 / 23.6.)
-- A miss's range is decoded as it arrives (`fuse.formats.ChunkStream`): each chunk is inflated and
+- A miss's range is decoded as it arrives (`fuse.formats.ChunkStream`): each gzip chunk is inflated and
   hashed piece by piece while the rest is on the wire, and served once its last byte is in and it
   verifies, not after the whole range and a decode (about 8 ms a 4 MiB chunk). (Measured at 100
   Mbit/s, ctr-remote's 4 MiB chunks: python-scipy 5.40 -> 5.21 s, the peer 5.86 s.)
@@ -111,8 +111,8 @@ class FetchOptions:
     merge_min: int = 32 << 10  # neighbours' bytes a miss fetches at least (the link decides up to merge_cap)
     write_quiet: float = 0.25  # chunks read on demand go to the disk cache once no miss came for this long
     # ... or at once, beyond this many bytes waiting. A start reads 130 MB of python-scipy: at 64 MiB
-    # the writes ran during it, 0.35 s of the daemon's CPU on cores the start needs (at 100 Mbit/s
-    # 5.13 -> 4.91 s with 256 MiB; peak RSS 190 -> 220 MiB)
+    # the writes ran during it, 0.35 s of the daemon's CPU on cores the start needs (100 Mbit/s, A/B
+    # in one run: 5.13 -> 4.91 s with 256 MiB; peak RSS 190 -> 220 MiB)
     write_backlog: int = 256 << 20
 
 
@@ -636,14 +636,17 @@ class Fetcher:
             limiter = self._hosts.setdefault(handle.host, trio.CapacityLimiter(self.options.per_host))
             groups = merge_spans(chunks, cap=max(self.options.merge_cap, self.options.background_piece))
             first, end, members = groups[0]
-            measured: list[tuple[float, bool]] = []  # when the last byte came; had it the link alone
+            link = self.link(handle)
+            sent, token = 0.0, 0  # when the request went out, and its `link.begin` token
+            arrival: tuple[float, bool] | None = None  # when its last byte came; had it the link alone
 
-            def arrived(link: LinkEstimate, token: int) -> None:
+            def arrived() -> None:
                 """The request is over as a measure of the link when its last byte is in: before its
                 chunks are served, since a read served at once makes the next miss, a request that
                 would share the link with this one's teardown."""
-                if not measured:
-                    measured.append((time.monotonic(), link.end(token)))
+                nonlocal arrival
+                if arrival is None:
+                    arrival = (time.monotonic(), link.end(token))
 
             early = None
             stream = layer.chunk_stream(first, members) if len(groups) == 1 and kind == "demand" else None
@@ -653,7 +656,7 @@ class Fetcher:
                 if offset == 0:
                     link.observe_first_byte(time.monotonic() - sent)
                 if offset + len(piece) >= end - first:
-                    arrived(link, token)
+                    arrived()
                 if streams:  # a miss's range is decoded as it arrives: each chunk served once it is in
                     for c, result in stream.feed(offset, piece):
                         self._settle(handle, c.id, pendings[c.id], result, kind)
@@ -681,14 +684,14 @@ class Fetcher:
                             fired = True
 
                     early = (head_end - first, on_head)
-            link = self.link(handle)
             async with limiter:
                 sent, token = time.monotonic(), link.begin()
                 try:
                     datas = await layer.source.read_many([(s, e - s) for s, e, _ in groups], early, tap)
                 finally:
-                    arrived(link, token)
-                took, alone = measured[0][0] - sent, measured[0][1]
+                    arrived()
+                assert arrival is not None
+                took, alone = arrival[0] - sent, arrival[1]
             self.counters.requests += 1
             self.counters.observe(time.monotonic() - started)
             fetched = sum(len(d) for d in datas)

@@ -258,12 +258,16 @@ def decode_chunk(c: Chunk, span: bytes, what: str, allow_unverified: bool = Fals
         skipped, _ = _read_up_to(reader, c.inner, keep=False)
         got, parts = _read_up_to(reader, c.size, keep=True) if skipped == c.inner else (0, [])
     except INFLATE_ERRORS as e:
-        raise FormatError(f"{what}: chunk at {c.start} does not decompress: {e}") from e
+        raise _undecodable(c, str(e), what) from e
     if got < c.size:
         raise _short(c, skipped + got, what)
     data = parts[0] if len(parts) == 1 else b"".join(parts)
     _verify(c, hashlib.sha256(data) if c.digest is not None else None, what, allow_unverified)
     return data
+
+
+def _undecodable(c: Chunk, why: str, what: str) -> FormatError:
+    return FormatError(f"{what}: chunk at {c.start} does not decompress: {why}")
 
 
 def _short(c: Chunk, inflated: int, what: str) -> FormatError:
@@ -346,7 +350,7 @@ class _Inflating:
         self._parts: list[bytes] = []
         self._got = 0
         self._sha = hashlib.sha256() if chunk.digest is not None else None
-        self._error: Exception | None = None
+        self._error: str | None = None  # why the member does not inflate
 
     def feed(self, data: bytes) -> None:
         z, c = self._z, self.chunk
@@ -367,12 +371,12 @@ class _Inflating:
                 if starved and not data:
                     break
         except INFLATE_ERRORS as e:
-            self._error = FormatError(f"chunk at {c.start} does not decompress: {e}")
+            self._error = str(e)
 
     def finish(self, what: str, allow_unverified: bool) -> bytes | Exception:
         c = self.chunk
         if self._error is not None:
-            return FormatError(f"{what}: {self._error}")
+            return _undecodable(c, self._error, what)
         if self._got < c.size:
             return _short(c, c.inner - self._skip + self._got, what)
         try:

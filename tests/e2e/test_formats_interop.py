@@ -8,8 +8,17 @@ from pathlib import Path
 
 import pytest
 
-from fuse.formats import ESTARGZ, ESTARGZ_ZSTD, ZSTD_CHUNKED, RegistrySource, open_layer
+from fuse.formats import (
+    ESTARGZ,
+    ESTARGZ_ZSTD,
+    ZSTD_CHUNKED,
+    ChunkStream,
+    RegistrySource,
+    decode_chunk,
+    open_layer,
+)
 from fuse.formats.annotations import expected_toc_digest
+from fuse.formats.index import GZIP
 from tests.harness import images as im
 from tests.harness import trees
 from tests.harness.accelerate import (
@@ -53,6 +62,27 @@ async def check_layers(
     return opened
 
 
+async def streamed_as_decoded(layer, source: RegistrySource) -> int:
+    """Read the span of all the layer's gzip chunks in one range from the registry and decode it as the
+    fetcher decodes a miss's range (`ChunkStream`, fed the pieces the client receives): each chunk
+    equals what `decode_chunk` makes of its bytes. Returns how many chunks were compared."""
+    ix = layer.index
+    chunks = [ix.chunk(c) for c in range(len(ix.c_start)) if ix.c_storage[c] == GZIP]
+    if not chunks:
+        return 0
+    start, end = min(c.start for c in chunks), max(c.end for c in chunks)
+    stream = ChunkStream(start, chunks, "interop")
+    streamed: dict[int, bytes | Exception] = {}
+
+    def tap(offset: int, piece: bytes) -> None:
+        streamed.update((c.id, result) for c, result in stream.feed(offset, piece))
+
+    blob = await source.read(start, end - start, tap)
+    for c in chunks:
+        assert streamed[c.id] == decode_chunk(c, blob[c.start - start : c.end - start], "interop"), c
+    return len(chunks)
+
+
 @pytest.mark.parametrize(
     ("args", "fmt"),
     [
@@ -67,6 +97,11 @@ async def test_ctr_remote_convert(
     image, ref = source_image
     dst = ctr_remote_convert(containerd, ref, f"{registry.host}/interop/conv:{fmt}-{len(args)}", *args)
     layers = await check_layers(registry, dst, image, fmt, workdir)
+    async with anonymous_client() as client:
+        for layer in layers:  # a miss's range decoded as it arrives, on ctr-remote's members
+            src = layer.source
+            compared = await streamed_as_decoded(layer, RegistrySource(client, src.ref, src.digest, src.size))
+            assert compared > 0 or fmt == ESTARGZ_ZSTD
     if "65536" in args:  # the 5 MiB file is split into 64 KiB chunks
         big = layers[0].index.find("data/big")
         assert len(layers[0].index.chunks_of(big)) == 80
